@@ -1,0 +1,35 @@
+// SLERP entry points. Pointers are raw device or host addresses, sizes are element counts,
+// `dtype` is a mkf::DType tag. The Python side (mergekit_fast/ops/slerp.py) validates device,
+// dtype, shape and contiguity before calling; nothing here allocates on behalf of the caller
+// except small host scratch.
+#pragma once
+#include <cstdint>
+
+namespace mkf {
+
+// ---- CPU (csrc/slerp/slerp_cpu.cpp) ----
+// sums = {sum a*a, sum b*b, sum a*b} in fp64, deterministic for any thread count.
+void slerp_sums_cpu(int dtype, const void* a, const void* b, int64_t n, double* sums, int threads);
+void slerp_cpu(int dtype, const void* a, const void* b, void* out, int64_t n, double t, double eps,
+               double dot_threshold, int threads);
+// Many independent tensors, each with its own t (the engine's batched entry point).
+void slerp_batched_cpu(int dtype, int64_t count, const uint64_t* a_ptrs, const uint64_t* b_ptrs,
+                       const uint64_t* out_ptrs, const int64_t* numels, const double* ts,
+                       double eps, double dot_threshold, int threads);
+
+#if defined(MKF_WITH_CUDA)
+// ---- CUDA (csrc/slerp/slerp_cuda.cu) ----
+// Two-phase SLERP of one large tensor: a reduction pass writing fp64 block partials into
+// `workspace` (device memory, at least slerp_cuda_workspace_bytes(n) bytes), a deterministic
+// fixed-order reduction, then one read of a and b and one write of out. No host sync.
+int64_t slerp_cuda_workspace_bytes(int64_t n);
+void slerp_cuda(int dtype, const void* a, const void* b, void* out, int64_t n, double t,
+                double eps, double dot_threshold, void* workspace, uintptr_t stream);
+// Segmented SLERP: `count` tensors in one launch, one block per tensor, single pass when the
+// tensor fits on chip. Tables are DEVICE arrays of length count.
+void slerp_segments_cuda(int dtype, int64_t count, const uint64_t* a_ptrs, const uint64_t* b_ptrs,
+                         const uint64_t* out_ptrs, const int64_t* numels, const double* ts,
+                         double eps, double dot_threshold, uintptr_t stream);
+#endif
+
+}  // namespace mkf

@@ -1,0 +1,203 @@
+// SLERP on the CPU: two passes over memory (sums, then interpolate), multi-threaded,
+// converting bf16/fp16 on the fly with no whole-tensor fp32 temporaries.
+//
+// Determinism: the sums are taken over fixed blocks of kBlock elements, each with kLanes
+// independent fp64 accumulators, and the block partials are added in block order. The
+// result therefore does not depend on the thread count.
+#include "slerp/slerp.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "common/dtype.h"
+#include "common/parallel.h"
+#include "common/slerp_math.h"
+
+namespace mkf {
+namespace {
+
+constexpr int64_t kBlock = 1 << 14;
+constexpr int kLanes = 8;
+// Below this many elements a tensor runs on one thread: spawning costs more than it saves.
+constexpr int64_t kParallelMin = 1 << 18;
+
+// Host element formats. The CPU build converts 16-bit floats with scalar code that gcc
+// vectorises (bf16 is a shift; fp16 uses the hardware conversion when the compiler has it).
+struct HostBF16 {
+  using storage = uint16_t;
+  static inline float load(storage v) { return bf16_to_f32(v); }
+  static inline storage store(float f) {
+    uint32_t u = f32_to_bits(f);
+    uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    uint32_t nan = (u >> 16) | 0x0040u;
+    return static_cast<storage>(((u & 0x7fffffffu) > 0x7f800000u) ? nan : rounded);
+  }
+};
+struct HostF16 {
+#if defined(__FLT16_MAX__) && !defined(MKF_NO_FLOAT16)
+  using storage = _Float16;
+  static inline float load(storage v) { return static_cast<float>(v); }
+  static inline storage store(float f) { return static_cast<_Float16>(f); }
+#else
+  using storage = uint16_t;
+  static inline float load(storage v) { return f16_to_f32(v); }
+  static inline storage store(float f) { return f32_to_f16(f); }
+#endif
+};
+struct HostF32 {
+  using storage = float;
+  static inline float load(storage v) { return v; }
+  static inline storage store(float f) { return f; }
+};
+// fp64 inputs use fp64 math throughout (mergekit does the same).
+struct HostF64 {
+  using storage = double;
+  static inline double load(storage v) { return v; }
+  static inline storage store(double f) { return f; }
+};
+
+template <typename F>
+void block_sums(const typename F::storage* a, const typename F::storage* b, int64_t n,
+                double out[3]) {
+  double aa[kLanes] = {0}, bb[kLanes] = {0}, ab[kLanes] = {0};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      double x = static_cast<double>(F::load(a[i + j]));
+      double y = static_cast<double>(F::load(b[i + j]));
+      aa[j] += x * x;
+      bb[j] += y * y;
+      ab[j] += x * y;
+    }
+  }
+  for (int j = 0; i < n; ++i, ++j) {
+    double x = static_cast<double>(F::load(a[i]));
+    double y = static_cast<double>(F::load(b[i]));
+    aa[j] += x * x;
+    bb[j] += y * y;
+    ab[j] += x * y;
+  }
+  double s0 = 0, s1 = 0, s2 = 0;
+  for (int j = 0; j < kLanes; ++j) {
+    s0 += aa[j];
+    s1 += bb[j];
+    s2 += ab[j];
+  }
+  out[0] = s0;
+  out[1] = s1;
+  out[2] = s2;
+}
+
+template <typename F>
+void sums_impl(const void* a_, const void* b_, int64_t n, double sums[3], int threads) {
+  auto a = static_cast<const typename F::storage*>(a_);
+  auto b = static_cast<const typename F::storage*>(b_);
+  int64_t nblocks = (n + kBlock - 1) / kBlock;
+  std::vector<double> partial(static_cast<size_t>(nblocks) * 3, 0.0);
+  auto work = [&](int64_t lo, int64_t hi) {
+    for (int64_t blk = lo; blk < hi; ++blk) {
+      int64_t s = blk * kBlock, len = std::min(kBlock, n - s);
+      block_sums<F>(a + s, b + s, len, &partial[blk * 3]);
+    }
+  };
+  parallel_for(nblocks, n >= kParallelMin ? threads : 1, work);
+  double s0 = 0, s1 = 0, s2 = 0;
+  for (int64_t blk = 0; blk < nblocks; ++blk) {
+    s0 += partial[blk * 3];
+    s1 += partial[blk * 3 + 1];
+    s2 += partial[blk * 3 + 2];
+  }
+  sums[0] = s0;
+  sums[1] = s1;
+  sums[2] = s2;
+}
+
+template <typename F, typename C>
+void interp_range(const typename F::storage* a, const typename F::storage* b,
+                  typename F::storage* out, int64_t lo, int64_t hi, C ca, C cb) {
+  for (int64_t i = lo; i < hi; ++i) {
+    C x = static_cast<C>(F::load(a[i]));
+    C y = static_cast<C>(F::load(b[i]));
+    out[i] = F::store(ca * x + cb * y);
+  }
+}
+
+template <typename F>
+void slerp_impl(const void* a_, const void* b_, void* out_, int64_t n, double t, double eps,
+                double thr, int threads) {
+  using S = typename F::storage;
+  using C = std::conditional_t<std::is_same_v<S, double>, double, float>;
+  auto a = static_cast<const S*>(a_);
+  auto b = static_cast<const S*>(b_);
+  auto out = static_cast<S*>(out_);
+  double sums[3] = {0, 0, 0};
+  if (n > 0) sums_impl<F>(a_, b_, n, sums, threads);
+  SlerpCoeffs c = slerp_coeffs(sums[0], sums[1], sums[2], t, eps, thr);
+  if (n == 0) return;
+  // The coefficients are rounded to the compute dtype, as mergekit holds them in fp32.
+  C ca = static_cast<C>(c.ca), cb = static_cast<C>(c.cb);
+  int64_t nblocks = (n + kBlock - 1) / kBlock;
+  parallel_for(nblocks, n >= kParallelMin ? threads : 1, [&](int64_t lo, int64_t hi) {
+    interp_range<F>(a, b, out, lo * kBlock, std::min(n, hi * kBlock), ca, cb);
+  });
+}
+
+template <typename Fn>
+void by_dtype(int dtype, Fn&& fn) {
+  switch (dtype) {
+    case kF32: fn(HostF32{}); break;
+    case kF16: fn(HostF16{}); break;
+    case kBF16: fn(HostBF16{}); break;
+    case kF64: fn(HostF64{}); break;
+    default: throw std::invalid_argument("slerp: unsupported dtype tag " + std::to_string(dtype));
+  }
+}
+
+}  // namespace
+
+void slerp_sums_cpu(int dtype, const void* a, const void* b, int64_t n, double* sums, int threads) {
+  threads = default_threads(threads);
+  sums[0] = sums[1] = sums[2] = 0.0;
+  if (n <= 0) return;
+  by_dtype(dtype, [&](auto f) { sums_impl<decltype(f)>(a, b, n, sums, threads); });
+}
+
+void slerp_cpu(int dtype, const void* a, const void* b, void* out, int64_t n, double t, double eps,
+               double dot_threshold, int threads) {
+  threads = default_threads(threads);
+  by_dtype(dtype, [&](auto f) {
+    slerp_impl<decltype(f)>(a, b, out, n, t, eps, dot_threshold, threads);
+  });
+}
+
+void slerp_batched_cpu(int dtype, int64_t count, const uint64_t* a_ptrs, const uint64_t* b_ptrs,
+                       const uint64_t* out_ptrs, const int64_t* numels, const double* ts,
+                       double eps, double dot_threshold, int threads) {
+  threads = default_threads(threads);
+  std::vector<int64_t> small;
+  for (int64_t s = 0; s < count; ++s) {
+    if (numels[s] >= kParallelMin) {
+      slerp_cpu(dtype, reinterpret_cast<const void*>(a_ptrs[s]),
+                reinterpret_cast<const void*>(b_ptrs[s]), reinterpret_cast<void*>(out_ptrs[s]),
+                numels[s], ts[s], eps, dot_threshold, threads);
+    } else {
+      small.push_back(s);
+    }
+  }
+  // Small tensors: one thread per tensor, whole tensors per thread.
+  parallel_for(static_cast<int64_t>(small.size()), threads, [&](int64_t lo, int64_t hi) {
+    for (int64_t k = lo; k < hi; ++k) {
+      int64_t s = small[k];
+      slerp_cpu(dtype, reinterpret_cast<const void*>(a_ptrs[s]),
+                reinterpret_cast<const void*>(b_ptrs[s]), reinterpret_cast<void*>(out_ptrs[s]),
+                numels[s], ts[s], eps, dot_threshold, 1);
+    }
+  });
+}
+
+}  // namespace mkf

@@ -1,0 +1,38 @@
+"""mergekit_fast: fast, memory-bounded LLM merging with fused Triton, CUDA and C++ kernels.
+
+Public API (imported lazily, so ``import mergekit_fast`` stays cheap):
+    slerp, slerp_batched, slerp_ref          SLERP op (mergekit 0.1.5 semantics)
+    topk_routing, topk_routing_ref           fused MoE top-k routing
+    BackendUnavailable, VerificationError
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "slerp": "mergekit_fast.ops.slerp",
+    "slerp_batched": "mergekit_fast.ops.slerp",
+    "slerp_ref": "mergekit_fast.ops.slerp",
+    "topk_routing": "mergekit_fast.ops.routing",
+    "topk_routing_ref": "mergekit_fast.ops.routing",
+    "BackendUnavailable": "mergekit_fast.backends",
+    "VerificationError": "mergekit_fast.ops._verify",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mergekit_fast' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

@@ -1,0 +1,161 @@
+"""Which backends exist here, and which one an op call gets.
+
+Backends, fastest first for their device:
+  cuda    native CUDA kernels in mergekit_fast._C (CUDA tensors)
+  triton  Triton kernels (CUDA tensors; CPU tensors only under TRITON_INTERPRET=1)
+  cpp     native C++ CPU kernels in mergekit_fast._C (CPU tensors)
+  torch   the plain torch reference (any device): the oracle and the last fallback
+
+``backend="auto"`` (or MERGEKIT_FAST_BACKEND) picks the first available backend for the tensors'
+device and logs once why a faster one was skipped. A backend named explicitly that cannot run
+raises ``BackendUnavailable``: never a silent fallback.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import torch
+
+from mergekit_fast import _native
+
+log = logging.getLogger("mergekit_fast")
+
+BACKENDS = ("cuda", "triton", "cpp", "torch")
+ENV_BACKEND = "MERGEKIT_FAST_BACKEND"
+
+
+class BackendUnavailable(RuntimeError):
+    """An explicitly requested backend cannot run here."""
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+@functools.cache
+def _triton_import_error() -> str | None:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - any import failure means "unavailable"
+        return f"triton is not importable ({type(exc).__name__}: {exc})"
+    return None
+
+
+def triton_version() -> str | None:
+    if _triton_import_error() is not None:
+        return None
+    import triton
+
+    return triton.__version__
+
+
+def unavailable_reason(backend: str, device: torch.device) -> str | None:
+    """None when ``backend`` can run on tensors of ``device``, else a short reason."""
+    dev = device.type
+    if backend == "torch":
+        return None
+    if dev == "cuda" and backend in ("cuda", "triton") and not torch.cuda.is_available():
+        return "no GPU visible"
+    if backend == "cpp":
+        if dev != "cpu":
+            return f"the C++ kernels run on CPU tensors, not {dev}"
+        return _native.import_error()
+    if backend == "cuda":
+        if dev != "cuda":
+            return "no GPU visible" if not torch.cuda.is_available() else f"tensors are on {dev}, not cuda"
+        err = _native.import_error()
+        if err:
+            return err
+        if not _native.has_cuda_kernels():
+            return "native module built without CUDA (nvcc not found or MERGEKIT_FAST_SKIP_CUDA=1)"
+        return None
+    if backend == "triton":
+        err = _triton_import_error()
+        if err:
+            return err
+        if dev == "cuda":
+            return None
+        if dev == "cpu":
+            return None if triton_interpreted() else "triton on CPU tensors needs TRITON_INTERPRET=1"
+        return f"triton does not run on {dev}"
+    return f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)} or auto)"
+
+
+def default_backend() -> str:
+    value = os.environ.get(ENV_BACKEND, "auto").strip().lower() or "auto"
+    if value != "auto" and value not in BACKENDS:
+        raise ValueError(f"{ENV_BACKEND}={value!r} is not one of auto, {', '.join(BACKENDS)}")
+    return value
+
+
+_AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
+
+
+@functools.cache
+def _log_fallback_once(op: str, device: str, chosen: str, skipped: tuple) -> None:
+    reasons = "; ".join(f"{b}: {r}" for b, r in skipped)
+    log.warning("mergekit_fast.%s on %s uses the %s backend (%s)", op, device, chosen, reasons)
+
+
+def select(op: str, device: torch.device, requested: str | None, implemented=BACKENDS) -> str:
+    """The backend that runs ``op`` on tensors of ``device``.
+
+    ``implemented`` lists the backends this op has; ``requested`` is a backend name, "auto" or None.
+    """
+    req = (requested or default_backend()).lower()
+    if req != "auto":
+        if req not in BACKENDS:
+            raise ValueError(f"{op}: unknown backend {req!r}; choose from auto, {', '.join(BACKENDS)}")
+        if req not in implemented:
+            raise BackendUnavailable(f"{op}: no {req} implementation")
+        why = unavailable_reason(req, device)
+        if why:
+            raise BackendUnavailable(f"{op}: backend {req!r} is unavailable for {device.type} tensors: {why}")
+        return req
+    skipped = []
+    for cand in _AUTO_ORDER.get(device.type, ("torch",)):
+        if cand not in implemented:
+            continue
+        why = unavailable_reason(cand, device)
+        if why is None:
+            if skipped:
+                _log_fallback_once(op, device.type, cand, tuple(skipped))
+            return cand
+        skipped.append((cand, why))
+    return "torch"
+
+
+def report() -> dict[str, dict[str, str | bool]]:
+    """Availability of every backend on every device that exists here (for ``mergekit_fast.info``)."""
+    devices = [torch.device("cpu")]
+    if torch.cuda.is_available():
+        devices.insert(0, torch.device("cuda"))
+    out: dict[str, dict[str, str | bool]] = {}
+    for b in BACKENDS:
+        for d in devices:
+            why = unavailable_reason(b, d)
+            if why is None:
+                out[b] = {"available": True, "device": d.type}
+                break
+        else:
+            # Say why it is missing on the device it is meant for.
+            home = torch.device("cpu") if b == "cpp" else torch.device("cuda")
+            if b == "triton" and not torch.cuda.is_available():
+                why = _triton_import_error() or (
+                    "no GPU visible (set TRITON_INTERPRET=1 to run it on the CPU, slowly)"
+                )
+            elif b == "cuda" and not torch.cuda.is_available():
+                why = "no GPU visible"
+                native = _native.import_error() or (
+                    None if _native.has_cuda_kernels() else "native module built without CUDA"
+                )
+                if native:
+                    why += f"; {native}"
+            else:
+                why = unavailable_reason(b, home)
+            out[b] = {"available": False, "device": home.type, "reason": why or "unavailable"}
+    return out

@@ -1,0 +1,259 @@
+"""SLERP: the reference against mergekit 0.1.5, every backend against the reference."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from helpers import HAS_GPU, runnable_backends
+
+import mergekit_fast as mk
+from mergekit_fast.ops import _verify
+from mergekit_fast.ops.slerp import MAX_ULPS, SEGMENT_MAX_NUMEL, slerp_ref, slerp_ref_coefficients
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+
+
+def _pair(kind: str, shape, dtype):
+    a = torch.randn(shape, dtype=torch.float64)
+    if kind == "random":
+        b = torch.randn(shape, dtype=torch.float64)
+    elif kind == "zero":
+        a = torch.zeros(shape, dtype=torch.float64)
+        b = torch.zeros(shape, dtype=torch.float64)
+    elif kind == "one_zero":
+        b = torch.zeros(shape, dtype=torch.float64)
+    elif kind == "colinear":
+        b = 2.5 * a
+    elif kind == "antiparallel":
+        b = -0.5 * a
+    elif kind == "near":  # |dot| just below the threshold: the slerp branch with a small angle
+        b = a + 0.05 * torch.randn(shape, dtype=torch.float64)
+    else:
+        raise AssertionError(kind)
+    return a.to(dtype), b.to(dtype)
+
+
+def _scale(t, a, b):
+    ca, cb = slerp_ref_coefficients(t, a, b)
+    cdt = torch.float64 if a.dtype == torch.float64 else torch.float32
+    return abs(ca) * a.to(cdt).abs() + abs(cb) * b.to(cdt).abs()
+
+
+# ----------------------------------------------------------------------------- reference vs mergekit
+
+
+@pytest.mark.mergekit
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", ["random", "zero", "one_zero", "colinear", "antiparallel", "near"])
+@pytest.mark.parametrize("t", [0.0, 0.3, 1.0])
+def test_reference_matches_mergekit(dtype, kind, t):
+    from mergekit.merge_methods.slerp import slerp as mergekit_slerp
+
+    a, b = _pair(kind, (67, 129), dtype)
+    # mergekit's BatchParameter coefficients are fp32, fp64 for fp64 inputs.
+    tt = torch.tensor([t], dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    theirs = mergekit_slerp(tt, a[None], b[None])[0]
+    ours = slerp_ref(t, a, b)
+    assert ours.dtype == theirs.dtype == dtype and ours.shape == theirs.shape
+    if dtype in (torch.float32, torch.float64):
+        # mergekit sums normalised fp32 chunks, we sum fp64: the coefficients agree to ~1e-7
+        # relative, so elements agree to 1e-6 of the terms' magnitude.
+        scale = _scale(t, a, b).to(torch.float64) + 1e-30
+        rel = ((ours.double() - theirs.double()).abs() / scale).max().item()
+        assert rel <= 1e-6, rel
+    else:
+        # 16-bit outputs: a coefficient 1 fp32 ulp apart flips the rounding of a few elements.
+        _, max_ulp, _ = _verify.max_errors(ours, theirs, _scale(t, a, b))
+        assert max_ulp <= 1.0
+        frac = (ours != theirs).float().mean().item()
+        assert frac <= 1e-3, frac
+
+
+def test_reference_endpoints_and_semantics():
+    a, b = torch.randn(5, 7), torch.randn(5, 7)
+    assert torch.equal(slerp_ref(0.0, a, b), a)
+    assert torch.equal(slerp_ref(1.0, a, b), b)
+    # Whole-tensor angle: orthogonal unit vectors, t = 0.5 -> both coefficients sin(pi/4)/1.
+    x = torch.tensor([1.0, 0.0])
+    y = torch.tensor([0.0, 1.0])
+    out = slerp_ref(0.5, x, y)
+    assert torch.allclose(out, torch.tensor([math.sqrt(0.5)] * 2))
+    # Colinear -> lerp on the unnormalised inputs.
+    assert torch.allclose(slerp_ref(0.25, x, 3 * x), torch.tensor([1.5, 0.0]))
+
+
+# ----------------------------------------------------------------------------- backends vs reference
+
+SHAPES = [(1,), (7,), (13, 17), (3, 5, 7), (SEGMENT_MAX_NUMEL + 1,), (1 << 16, 3), (4099, 65)]
+
+
+def _check_backend(backend, t, a, b):
+    out = mk.slerp(t, a, b, backend=backend)
+    ref = slerp_ref(t, a.cpu(), b.cpu())
+    assert out.dtype == a.dtype and out.shape == a.shape and out.device == a.device
+    _verify.check(
+        f"slerp[{backend}]", out.cpu(), ref, max_ulps=MAX_ULPS[a.dtype], scale=_scale(t, a.cpu(), b.cpu())
+    )
+
+
+@pytest.mark.parametrize("backend", runnable_backends("cpu", ("cpp", "torch")))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_cpu_backends(backend, dtype, shape):
+    a, b = _pair("random", shape, dtype)
+    _check_backend(backend, 0.37, a, b)
+
+
+@pytest.mark.parametrize("backend", runnable_backends("cpu", ("cpp",)))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpp_is_bit_exact_with_reference(backend, dtype):
+    # Same fp64 sums (up to order), same coefficient rounding, no FMA contraction (-ffp-contract=off):
+    # the C++ kernel reproduces the reference bit for bit.
+    a, b = _pair("random", (1000, 333), dtype)
+    assert torch.equal(mk.slerp(0.6, a, b, backend=backend), slerp_ref(0.6, a, b))
+
+
+@pytest.mark.parametrize("backend", runnable_backends("cpu", ("cpp", "torch")))
+@pytest.mark.parametrize("kind", ["zero", "one_zero", "colinear", "antiparallel", "near"])
+def test_special_pairs(backend, kind):
+    a, b = _pair(kind, (31, 9), torch.bfloat16)
+    _check_backend(backend, 0.3, a, b)
+
+
+@pytest.mark.parametrize("backend", runnable_backends("cpu", ("cpp", "torch")))
+def test_batched_many_segments(backend):
+    sizes = [1, 2, 17, 64, 1000, 4097, SEGMENT_MAX_NUMEL, SEGMENT_MAX_NUMEL + 3, 300_000] + [5] * 40
+    dtypes = [torch.bfloat16, torch.float32]
+    ts = [(i % 11) / 10 for i in range(len(sizes))]
+    As, Bs = [], []
+    for i, n in enumerate(sizes):
+        a, b = _pair("random", (n,), dtypes[i % 2])
+        As.append(a)
+        Bs.append(b)
+    outs = mk.slerp_batched(ts, As, Bs, backend=backend)
+    for t, a, b, o in zip(ts, As, Bs, outs):
+        _verify.check("batched", o, slerp_ref(t, a, b), max_ulps=MAX_ULPS[a.dtype], scale=_scale(t, a, b))
+
+
+@pytest.mark.parametrize("backend", runnable_backends("cpu", ("cpp", "torch")))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_large_finite_values_do_not_overflow(backend, dtype):
+    # Squares of values near the dtype's max overflow fp32 accumulators; fp64 sums must not.
+    big = torch.finfo(dtype).max
+    a = torch.full((1000,), big, dtype=dtype)
+    a[::2] = -big
+    b = torch.randn(1000, dtype=torch.float64).to(dtype) * (big / 8)
+    out = mk.slerp(0.5, a, b, backend=backend)
+    assert torch.isfinite(out).all()
+    ca, cb = slerp_ref_coefficients(0.5, a, b)
+    assert math.isfinite(ca) and 0.4 < ca < 0.8 and 0.4 < cb < 0.8
+
+
+@pytest.mark.parametrize("backend", runnable_backends("cpu", ("cpp", "torch")))
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_weights_make_all_nan(backend, bad):
+    # Documented: NaN or Inf anywhere in a or b -> every output element is NaN (mergekit agrees).
+    a, b = torch.randn(100), torch.randn(100)
+    a[37] = bad
+    out = mk.slerp(0.5, a, b, backend=backend)
+    assert torch.isnan(out).all()
+    out = mk.slerp(0.5, b, a, backend=backend)
+    assert torch.isnan(out).all()
+
+
+def test_out_and_verify():
+    a, b = torch.randn(100, 3, dtype=torch.bfloat16), torch.randn(100, 3, dtype=torch.bfloat16)
+    out = torch.empty_like(a)
+    res = mk.slerp(0.2, a, b, out=out, verify=True)
+    assert res is out
+    assert torch.equal(out, slerp_ref(0.2, a, b))
+
+
+def test_verify_catches_a_wrong_result(monkeypatch):
+    from mergekit_fast.ops import slerp as slerp_mod
+
+    def broken(ts, As, Bs, outs, eps, thr):
+        for o, a in zip(outs, As):
+            o.copy_(a)
+
+    monkeypatch.setitem(slerp_mod._RUNNERS, "torch", broken)
+    a, b = torch.randn(64), torch.randn(64)
+    with pytest.raises(mk.VerificationError, match="max ulp error"):
+        mk.slerp(0.5, a, b, backend="torch", verify=True)
+
+
+def test_non_contiguous_inputs():
+    a = torch.randn(40, 30).t()
+    b = torch.randn(40, 30).t()
+    out = mk.slerp(0.4, a, b)
+    assert torch.equal(out, slerp_ref(0.4, a.contiguous(), b.contiguous()))
+    assert out.shape == (30, 40)
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: (0.5, torch.randn(3), torch.randn(4)), "shapes differ"),
+        (lambda: (0.5, torch.randn(3), torch.randn(3).double()), "dtypes differ"),
+        (lambda: (0.5, torch.ones(3, dtype=torch.int32), torch.ones(3, dtype=torch.int32)), "not supported"),
+        (lambda: (1.5, torch.randn(3), torch.randn(3)), r"in \[0, 1\]"),
+        (lambda: (-0.1, torch.randn(3), torch.randn(3)), r"in \[0, 1\]"),
+        (lambda: (float("nan"), torch.randn(3), torch.randn(3)), r"in \[0, 1\]"),
+        (lambda: ("x", torch.randn(3), torch.randn(3)), "must be a number"),
+    ],
+)
+def test_bad_input(make, match):
+    with pytest.raises(ValueError, match=match):
+        mk.slerp(*make())
+
+
+def test_explicit_unavailable_backend_raises():
+    if HAS_GPU:
+        pytest.skip("cuda is available here")
+    with pytest.raises(mk.BackendUnavailable, match="cuda"):
+        mk.slerp(0.5, torch.randn(3), torch.randn(3), backend="cuda")
+
+
+def test_env_backend(monkeypatch):
+    monkeypatch.setenv("MERGEKIT_FAST_BACKEND", "torch")
+    from mergekit_fast import backends
+
+    assert backends.select("slerp", torch.device("cpu"), None) == "torch"
+    monkeypatch.setenv("MERGEKIT_FAST_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="MERGEKIT_FAST_BACKEND"):
+        backends.select("slerp", torch.device("cpu"), None)
+
+
+# ----------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", runnable_backends("cuda", ("cuda", "triton")))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES + [(4096, 4096)], ids=str)
+def test_gpu_backends(backend, dtype, shape):
+    a, b = _pair("random", shape, dtype)
+    _check_backend(backend, 0.37, a.cuda(), b.cuda())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", runnable_backends("cuda", ("cuda", "triton")))
+def test_gpu_batched_and_special(backend):
+    sizes = [1, 17, 1000, SEGMENT_MAX_NUMEL, SEGMENT_MAX_NUMEL + 3, 300_000] + [5] * 300
+    ts = [(i % 11) / 10 for i in range(len(sizes))]
+    pairs = [
+        _pair(["random", "zero", "colinear", "antiparallel"][i % 4], (n,), torch.bfloat16)
+        for i, n in enumerate(sizes)
+    ]
+    As = [a.cuda() for a, _ in pairs]
+    Bs = [b.cuda() for _, b in pairs]
+    outs = mk.slerp_batched(ts, As, Bs, backend=backend)
+    for t, (a, b), o in zip(ts, pairs, outs):
+        _verify.check("gpu batched", o.cpu(), slerp_ref(t, a, b), max_ulps=1.0, scale=_scale(t, a, b))
+    a = torch.full((5000,), torch.finfo(torch.bfloat16).max, dtype=torch.bfloat16, device="cuda")
+    assert torch.isfinite(mk.slerp(0.5, a, -a * 0.5, backend=backend)).all()
+    a = torch.randn(70000, device="cuda")
+    a[123] = float("nan")
+    assert torch.isnan(mk.slerp(0.5, a, torch.randn_like(a), backend=backend)).all()
