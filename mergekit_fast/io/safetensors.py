@@ -1,0 +1,281 @@
+"""safetensors reading and writing, with every header validated before use.
+
+Reading maps the file and hands out zero-copy tensor views; ``release`` drops a range's pages from
+the process (madvise DONTNEED: the page cache keeps them), so resident memory stays bounded by what
+is in flight, not by the model. Writing lays the whole shard out up front (header first, file
+preallocated), then writes each tensor at its offset as soon as it is ready, in any order.
+
+Format: 8-byte little-endian header length N, N bytes of JSON
+``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {str: str}}``, then the
+data; offsets are relative to the end of the header.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import os
+import struct
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+# safetensors dtype names <-> torch dtypes.
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("U16", "uint16"),
+                     ("U32", "uint32"), ("U64", "uint64")):  # fmt: skip
+    if hasattr(torch, _attr):
+        DTYPES[_name] = getattr(torch, _attr)
+NAMES = {v: k for k, v in DTYPES.items()}
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
+MAX_DIMS = 32
+
+
+class SafetensorsError(ValueError):
+    """A safetensors file is malformed; the message names the file (and tensor)."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    file: Path
+    start: int  # absolute byte offset in the file
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and validate a safetensors header: (tensors by name, metadata)."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise SafetensorsError(f"{path}: file too short for a safetensors header ({size} bytes)")
+            (n,) = struct.unpack("<Q", prefix)
+            if n > MAX_HEADER_BYTES:
+                raise SafetensorsError(f"{path}: header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit")
+            if 8 + n > size:
+                raise SafetensorsError(
+                    f"{path}: header length {n} runs past the end of the file ({size} bytes)"
+                )
+            raw = f.read(n)
+    except OSError as exc:
+        raise SafetensorsError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise SafetensorsError(f"{path}: header is not valid JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise SafetensorsError(f"{path}: header must be a JSON object")
+    data_start = 8 + n
+    data_size = size - data_start
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise SafetensorsError(f"{path}: __metadata__ must map strings to strings")
+    tensors: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        where = f"{path}: tensor {name!r}"
+        if not isinstance(entry, dict):
+            raise SafetensorsError(f"{where}: entry must be an object")
+        dtype_name = entry.get("dtype")
+        if dtype_name not in DTYPES:
+            raise SafetensorsError(f"{where}: unknown dtype {dtype_name!r}")
+        shape = entry.get("shape")
+        if (
+            not isinstance(shape, list)
+            or len(shape) > MAX_DIMS
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+        ):
+            raise SafetensorsError(f"{where}: shape must be a list of non-negative integers, got {shape!r}")
+        offs = entry.get("data_offsets")
+        if (
+            not isinstance(offs, list)
+            or len(offs) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)
+        ):
+            raise SafetensorsError(f"{where}: data_offsets must be two integers, got {offs!r}")
+        begin, end = offs
+        if not 0 <= begin <= end <= data_size:
+            raise SafetensorsError(
+                f"{where}: data_offsets [{begin}, {end}] outside the data area of {data_size} bytes"
+            )
+        dtype = DTYPES[dtype_name]
+        expected = math.prod(shape) * itemsize(dtype)
+        if end - begin != expected:
+            raise SafetensorsError(
+                f"{where}: {end - begin} bytes stored, but shape {shape} of {dtype_name} needs {expected}"
+            )
+        tensors[name] = TensorInfo(name, dtype, tuple(shape), path, data_start + begin, data_start + end)
+    spans = sorted((t.start, t.end, t.name) for t in tensors.values() if t.end > t.start)
+    last_end, last_name = 0, None
+    for s, e, name in spans:
+        if s < last_end:
+            raise SafetensorsError(f"{path}: tensors {last_name!r} and {name!r} overlap")
+        if e > last_end:
+            last_end, last_name = e, name
+    return tensors, metadata
+
+
+class ShardReader:
+    """Zero-copy, read-only views of one safetensors file's tensors."""
+
+    def __init__(self, path: str | os.PathLike, tensors: dict[str, TensorInfo] | None = None):
+        self.path = Path(path)
+        self.tensors = tensors if tensors is not None else read_header(self.path)[0]
+        self._file = open(self.path, "rb")
+        size = os.fstat(self._file.fileno()).st_size
+        self._mm = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+
+    def view(self, name: str) -> torch.Tensor:
+        """The tensor as a zero-copy view of the mapped file. Never write to it."""
+        info = self.tensors[name]
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=info.dtype)
+        if info.end > len(self._mm):
+            raise SafetensorsError(
+                f"{self.path}: tensor {name!r} lies past the end of the file (was it truncated?)"
+            )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "non-writable buffer": the view is read-only by contract
+            flat = torch.frombuffer(self._mm, dtype=torch.uint8, count=info.nbytes, offset=info.start)
+        return flat.view(info.dtype).view(info.shape)
+
+    def read(self, name: str) -> torch.Tensor:
+        """A private, writable copy of the tensor."""
+        return self.view(name).clone()
+
+    def release(self, name: str) -> None:
+        """Drop the tensor's pages from this process (they stay in the page cache)."""
+        info = self.tensors[name]
+        if self._mm is None or info.nbytes == 0:
+            return
+        page = mmap.PAGESIZE
+        start = info.start // page * page
+        end = min(len(self._mm), -(-info.end // page) * page)
+        try:
+            self._mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+        except (AttributeError, OSError, ValueError):
+            pass
+
+    def close(self) -> None:
+        if self._mm is not None:
+            try:
+                self._mm.close()
+            except BufferError:
+                # Views are still alive somewhere; the mapping goes when they do.
+                pass
+            self._mm = None
+        self._file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def layout(entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str] | None = None):
+    """Header bytes and absolute (start, end) offsets for tensors written in the given order."""
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    offsets: dict[str, tuple[int, int]] = {}
+    pos = 0
+    for name, dtype, shape in entries:
+        if name in offsets:
+            raise ValueError(f"duplicate tensor name {name!r} in one shard")
+        nbytes = math.prod(shape) * itemsize(dtype)
+        header[name] = {"dtype": NAMES[dtype], "shape": list(shape), "data_offsets": [pos, pos + nbytes]}
+        offsets[name] = (pos, pos + nbytes)
+        pos += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as the safetensors library writes it
+    base = 8 + len(raw)
+    absolute = {k: (base + s, base + e) for k, (s, e) in offsets.items()}
+    return struct.pack("<Q", len(raw)) + raw, absolute, base + pos
+
+
+class ShardWriter:
+    """A safetensors file written out of order: header first, each tensor at its offset."""
+
+    def __init__(self, path: str | os.PathLike, entries, metadata: dict[str, str] | None = None):
+        self.path = Path(path)
+        header, self.offsets, self.size = layout(entries, metadata)
+        self._shapes = {name: (dtype, tuple(shape)) for name, dtype, shape in entries}
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.written: set[str] = set()
+        try:
+            os.pwrite(self._fd, header, 0)
+            os.ftruncate(self._fd, self.size)
+        except OSError:
+            self.abort()
+            raise
+
+    def write(self, name: str, tensor: torch.Tensor) -> int:
+        dtype, shape = self._shapes[name]
+        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise ValueError(
+                f"{self.path.name}: tensor {name!r} is {tensor.dtype} {tuple(tensor.shape)}, "
+                f"the plan says {dtype} {shape}"
+            )
+        start, end = self.offsets[name]
+        if end > start:
+            data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+            mv = memoryview(data)
+            pos = 0
+            while pos < len(mv):  # pwrite may write less than asked
+                pos += os.pwrite(self._fd, mv[pos:], start + pos)
+        self.written.add(name)
+        return end - start
+
+    @property
+    def complete(self) -> bool:
+        return len(self.written) == len(self.offsets)
+
+    def close(self, fsync: bool = False) -> None:
+        if self._fd is None:
+            return
+        if not self.complete:
+            missing = sorted(set(self.offsets) - self.written)[:5]
+            raise RuntimeError(
+                f"{self.path.name}: closed before all tensors were written (missing {missing})"
+            )
+        if fsync:
+            os.fsync(self._fd)
+        os.close(self._fd)
+        self._fd = None
+
+    def abort(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
