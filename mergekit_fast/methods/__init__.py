@@ -1,1 +1,46 @@
-"""methods"""
+"""Merge methods as small functions over the ops.
+
+Each method takes the input tensors of one output tensor (already cast to the plan's in_dtype, on
+the compute device) and its resolved parameters, and returns the merged tensor in in_dtype.
+Semantics are mergekit 0.1.5's (merge_methods/{linear,passthrough,slerp}.py). SLERP is batched
+across tensors (``slerp_many``); linear and passthrough are single torch expressions that are
+already memory-bound and equal mergekit's bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from mergekit_fast.ops.slerp import slerp_batched
+
+METHODS = ("slerp", "linear", "passthrough")
+
+
+def linear(tensors: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool = True) -> torch.Tensor:
+    """Weighted sum with fp32 accumulation (fp64 for fp64 inputs), divided by sum(weights) if normalize."""
+    first = tensors[0]
+    if not first.is_floating_point():
+        raise TypeError("linear merging requires floating-point tensors")
+    dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
+    # mergekit holds the weights as a float32 tensor and accumulates with addcmul_: do the same,
+    # so the result is bit-identical.
+    w = torch.tensor(list(weights), dtype=torch.float32, device=first.device).to(dtype)
+    result = torch.zeros_like(first, dtype=dtype)
+    for tensor, coefficient in zip(tensors, w.unbind(0)):
+        result.addcmul_(tensor, coefficient)
+    if normalize:
+        result.div_(w.sum())
+    return result.to(first.dtype)
+
+
+def passthrough(tensor: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """The input unchanged, or multiplied by ``scale`` in its own dtype."""
+    return tensor if scale is None else tensor * scale
+
+
+def slerp_many(ts: Sequence[float], bases: Sequence[torch.Tensor], others: Sequence[torch.Tensor], *,
+               backend: str = "auto", outs: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:  # fmt: skip
+    """SLERP of many (base, other) pairs in as few kernel launches as possible."""
+    return slerp_batched(list(ts), list(bases), list(others), backend=backend, outs=outs)

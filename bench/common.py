@@ -1,0 +1,146 @@
+"""Shared benchmark plumbing: timing, provenance, CSV/JSON output and plots.
+
+Timing: on a GPU, triton.testing.do_bench (median, L2 flushed between runs); on the CPU, warm-up
+then the median of repeated runs within a time budget. Providers of one benchmark are measured
+side by side in one run, and ratios between them are what the reports quote.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict:
+    import mergekit_fast
+    from mergekit_fast import backends
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {
+        "host": socket.gethostname(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "cpu": cpu_name(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": backends.triton_version(),
+        "mergekit_fast": mergekit_fast.__version__,
+        "commit": _git_commit(),
+    }
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or None  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def machine_tag() -> str:
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name(0)
+    else:
+        name = f"cpu{os.cpu_count()}"
+    return "".join(c if c.isalnum() else "-" for c in name).strip("-").lower()
+
+
+def bench_time(
+    fn: Callable[[], object], *, device: str = "cpu", budget_s: float = 0.5, min_reps: int = 3
+) -> float:
+    """Median seconds per call of ``fn``."""
+    if device.startswith("cuda"):
+        import triton.testing
+
+        return (
+            triton.testing.do_bench(fn, warmup=25, rep=max(50, int(budget_s * 1000)), return_mode="median")
+            / 1e3
+        )
+    fn()  # warm-up
+    times = []
+    start = time.perf_counter()
+    while len(times) < min_reps or (time.perf_counter() - start < budget_s and len(times) < 100):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device: str = "cpu", nbytes: int = 256 << 20) -> float:
+    """Measured copy bandwidth in bytes/s (read + write), the ceiling for memory-bound kernels."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    sec = bench_time(lambda: dst.copy_(src), device=device, budget_s=0.5)
+    return 2 * nbytes / sec
+
+
+def write_rows(rows: list[dict], out_dir: Path, stem: str, meta: dict | None = None) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path = out_dir / f"{stem}.csv"
+    json_path = out_dir / f"{stem}.json"
+    keys: list[str] = []
+    for r in rows:
+        for k in r:
+            if k not in keys:
+                keys.append(k)
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    json_path.write_text(json.dumps({"machine": meta or machine_info(), "rows": rows}, indent=2))
+    return csv_path, json_path
+
+
+def plot_throughput(rows: list[dict], path: Path, *, x: str, y: str = "GBps", series: str = "backend",
+                    title: str = "", ceiling: float | None = None, logx: bool = True) -> Path | None:  # fmt: skip
+    """Throughput against size, one line per series, the device's copy bandwidth as the ceiling."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in sorted({r[series] for r in rows}):
+        pts = sorted((r[x], r[y]) for r in rows if r[series] == name)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    if ceiling:
+        ax.axhline(ceiling, color="gray", linestyle="--", label=f"copy bandwidth {ceiling:.1f} GB/s")
+    if logx:
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,668 @@
+"""The pipelined, memory-bounded executor: a MergePlan in, a finished model directory out.
+
+Three stages run at once, joined by bounded queues:
+
+  loader (thread)   walks the work in input-file order; asks the kernel to read ahead
+                    (posix_fadvise WILLNEED) and hands out zero-copy views of the mapped inputs;
+                    on CUDA it also stages them into pinned buffers and starts the host-to-device
+                    copies on a copy stream.
+  compute (caller)  runs the merge methods (SLERP batched across small tensors) into output
+                    buffers, casts to the output dtype; on CUDA it starts the device-to-host copy.
+  writer (thread)   writes every tensor at its offset in its (preallocated) shard, releases the
+                    input pages and returns the buffers to the pool.
+
+Memory is bounded by ``max_memory``: the buffer pool (outputs, and staged inputs on CUDA) never
+grows past it, so peak memory does not grow with the model. A single tensor larger than the
+budget still runs, alone. Passthrough tensors whose dtype does not change are copied file to file
+(copy_file_range) without being decoded.
+
+Output is atomic: everything is written into a hidden temporary directory beside OUT, which is
+renamed to OUT only once complete. A failure or an interrupt removes the temporary directory; a
+SIGKILL leaves only that hidden directory (never OUT), which the next run cleans up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import queue
+import resource
+import shutil
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from mergekit_fast import methods
+from mergekit_fast.io.model import ModelSource
+from mergekit_fast.io.safetensors import ShardWriter, itemsize
+from mergekit_fast.ops.slerp import SEGMENT_MAX_NUMEL
+
+log = logging.getLogger("mergekit_fast")
+
+TMP_MARK = ".mergekit_fast-tmp-"
+TOKENIZER_FILES = (
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.json",
+    "tokenizer.model",
+    "added_tokens.json",
+    "merges.txt",
+    "vocab.json",
+    "chat_template.jinja",
+    "generation_config.json",
+    "chat_template.json",
+)
+# Small SLERP tensors are merged in batches of at most this many tensors / bytes.
+BATCH_MAX_TENSORS = 256
+BATCH_MAX_BYTES = 64 << 20
+
+
+class MergeError(RuntimeError):
+    """The merge cannot proceed; the message says why (file, tensor or option)."""
+
+
+@dataclass
+class MergeOptions:
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    out_shard_size: int = 5_000_000_000  # bytes, as mergekit (decimal 5B)
+    max_memory: int = 4 << 30  # bytes of buffers in flight
+    read_ahead: int = 512 << 20  # bytes of input asked to be read ahead
+    copy_tokenizer: bool = True
+    write_model_card: bool = True
+    force: bool = False
+    backend: str = "auto"
+    verify: int = 0  # number of sampled tensors to cross-check (-1: all)
+    progress: bool | None = None  # None: only on a terminal
+    strict: bool = False  # non-finite values in a merged tensor are an error instead of a warning
+    fsync: bool = False
+
+
+@dataclass
+class MergeResult:
+    out_path: Path
+    seconds: float
+    tensors: int
+    bytes_read: int
+    bytes_written: int
+    peak_rss: int
+    shards: int
+    verify_max_ulp: float | None = None
+    nonfinite: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        gbps = (self.bytes_read + self.bytes_written) / max(self.seconds, 1e-9) / 1e9
+        s = (
+            f"merged {self.tensors} tensors into {self.out_path} in {self.seconds:.2f} s: "
+            f"read {self.bytes_read / 1e9:.2f} GB, wrote {self.bytes_written / 1e9:.2f} GB "
+            f"({gbps:.2f} GB/s), peak RSS {self.peak_rss / 2**30:.2f} GiB"
+        )
+        if self.verify_max_ulp is not None:
+            s += f", verify max error {self.verify_max_ulp:.2f} ulp"
+        return s
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise MergeError(f"--device {device}: no CUDA GPU is visible")
+    if dev.type not in ("cpu", "cuda"):
+        raise MergeError(f"--device {device}: only cpu and cuda are supported")
+    return dev
+
+
+# ----------------------------------------------------------------------------- shards
+
+
+def assign_shards(tensors, max_bytes: int) -> list[list]:
+    """Split output tensors (in order) into shards like mergekit: a new shard starts when the next
+    tensor would push the current one past ``max_bytes``."""
+    shards: list[list] = [[]]
+    size = 0
+    for t in tensors:
+        nbytes = math.prod(t.shape) * itemsize(t.out_dtype)
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += nbytes
+    return shards if shards[0] else []
+
+
+def shard_names(n: int) -> list[str]:
+    if n == 1:
+        return ["model.safetensors"]
+    return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+
+# ----------------------------------------------------------------------------- buffers
+
+
+class BufferPool:
+    """Reusable byte buffers under a byte budget (pinned host memory for CUDA staging).
+
+    Reusing buffers avoids the page faults of fresh large allocations; the budget bounds memory.
+    A request larger than the whole budget is served alone, once everything else is returned.
+    """
+
+    def __init__(self, budget: int, pin: bool = False):
+        self.budget = budget
+        self.pin = pin
+        self.free: list[torch.Tensor] = []
+        self.in_use = 0
+        self.held = 0  # bytes allocated (free + in use)
+        self.cond = threading.Condition()
+        self.closed = False
+
+    def _alloc(self, nbytes: int) -> torch.Tensor:
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin)
+
+    def acquire(self, nbytes: int) -> torch.Tensor:
+        nbytes = max(nbytes, 1)
+        with self.cond:
+            while True:
+                if self.closed:
+                    raise MergeError("merge aborted")
+                best = None
+                for i, buf in enumerate(self.free):
+                    if buf.numel() >= nbytes and (best is None or buf.numel() < self.free[best].numel()):
+                        best = i
+                if best is not None:
+                    buf = self.free.pop(best)
+                    self.in_use += buf.numel()
+                    return buf
+                # Drop free buffers that are too small, to make room under the budget.
+                while self.free and self.held + nbytes > self.budget:
+                    self.held -= self.free.pop(0).numel()
+                if self.held + nbytes <= self.budget or self.in_use == 0:
+                    self.held += nbytes
+                    self.in_use += nbytes
+                    return self._alloc(nbytes)
+                self.cond.wait()
+
+    def release(self, buf: torch.Tensor) -> None:
+        with self.cond:
+            self.in_use -= buf.numel()
+            if self.held <= self.budget:
+                self.free.append(buf)
+            else:
+                self.held -= buf.numel()
+            self.cond.notify_all()
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.free.clear()
+            self.cond.notify_all()
+
+
+def _view(buf: torch.Tensor, dtype: torch.dtype, shape) -> torch.Tensor:
+    n = math.prod(shape) * itemsize(dtype)
+    return buf[:n].view(dtype).view(shape)
+
+
+# ----------------------------------------------------------------------------- work items
+
+
+@dataclass
+class Job:
+    """One unit of pipeline work: a raw copy, one tensor, or a batch of small SLERP tensors."""
+
+    kind: str  # "copy" | "one" | "slerp_batch"
+    tensors: list  # OutputTensor
+    key: tuple = ()
+    # filled by the loader / compute stages
+    inputs: list = field(default_factory=list)  # per tensor: list of input tensors
+    staged: list = field(default_factory=list)  # pool buffers holding staged inputs (CUDA)
+    event: object = None
+    outputs: list = field(default_factory=list)  # per tensor: host tensor to write
+    out_bufs: list = field(default_factory=list)  # pool buffers holding outputs
+
+
+def _params(t) -> dict:
+    return dict(t.params)
+
+
+def _is_raw_copy(t, sources) -> bool:
+    if t.method != "passthrough" or _params(t).get("scale") is not None:
+        return False
+    info = sources[t.inputs[0].model].tensors[t.inputs[0].tensor]
+    return info.dtype == t.in_dtype == t.out_dtype
+
+
+def make_jobs(plan) -> list[Job]:
+    """Group the plan's tensors into jobs, ordered by where their inputs lie on disk."""
+
+    def key(t):
+        info = plan.sources[t.inputs[0].model].tensors[t.inputs[0].tensor]
+        return (str(info.file), info.start)
+
+    singles, small = [], []
+    for t in plan.tensors:
+        if _is_raw_copy(t, plan.sources):
+            singles.append(Job("copy", [t], key(t)))
+        elif t.method == "slerp" and math.prod(t.shape) <= SEGMENT_MAX_NUMEL:
+            small.append(t)
+        else:
+            singles.append(Job("one", [t], key(t)))
+    small.sort(key=key)
+    batches, cur, cur_bytes = [], [], 0
+    for t in small:
+        nbytes = math.prod(t.shape) * itemsize(t.in_dtype)
+        if cur and (len(cur) >= BATCH_MAX_TENSORS or cur_bytes + nbytes > BATCH_MAX_BYTES):
+            batches.append(Job("slerp_batch", cur, key(cur[0])))
+            cur, cur_bytes = [], 0
+        cur.append(t)
+        cur_bytes += nbytes
+    if cur:
+        batches.append(Job("slerp_batch", cur, key(cur[0])))
+    jobs = singles + batches
+    jobs.sort(key=lambda j: j.key)
+    return jobs
+
+
+# ----------------------------------------------------------------------------- the executor
+
+
+class _Pipeline:
+    def __init__(self, plan, writers: dict[str, tuple[ShardWriter, object]], options: MergeOptions,
+                 device: torch.device, progress: Callable[[int], None]):  # fmt: skip
+        self.plan = plan
+        self.writers = writers  # output name -> (ShardWriter, shard index)
+        self.opt = options
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.progress = progress
+        self.pool = BufferPool(options.max_memory, pin=self.cuda)
+        self.error: BaseException | None = None
+        self.bytes_read = 0
+        self.bytes_written = 0
+        self.finite_flags: list[tuple[str, torch.Tensor]] = []
+        self.lock = threading.Lock()
+        if self.cuda:
+            self.copy_stream = torch.cuda.Stream(device)
+            self.compute_stream = torch.cuda.current_stream(device)
+
+    # -- helpers
+    def _source_view(self, ref):
+        src: ModelSource = self.plan.sources[ref.model]
+        info = src.tensors[ref.tensor]
+        return src, info, src.reader(info.file).view(ref.tensor)
+
+    def _fail(self, exc: BaseException) -> None:
+        with self.lock:
+            if self.error is None:
+                self.error = exc
+        self.pool.close()
+
+    # -- stage 1: loader
+    def _advise(self, jobs: list[Job], start: int, budget: int) -> int:
+        """posix_fadvise(WILLNEED) the inputs of jobs[start:] up to ``budget`` bytes; returns the next index."""
+        i, total = start, 0
+        while i < len(jobs) and total < budget:
+            for t in jobs[i].tensors:
+                for ref in t.inputs:
+                    src = self.plan.sources[ref.model]
+                    info = src.tensors[ref.tensor]
+                    reader = src.reader(info.file)
+                    with contextlib.suppress(OSError, AttributeError):
+                        os.posix_fadvise(
+                            reader._file.fileno(), info.start, info.nbytes, os.POSIX_FADV_WILLNEED
+                        )
+                    total += info.nbytes
+            i += 1
+        return i
+
+    def loader(self, jobs: list[Job], out_q: queue.Queue) -> None:
+        try:
+            advised = self._advise(jobs, 0, self.opt.read_ahead)
+            for idx, job in enumerate(jobs):
+                if self.error is not None:
+                    break
+                if advised <= idx + 1:
+                    advised = self._advise(jobs, advised, self.opt.read_ahead)
+                if job.kind != "copy":
+                    self._load(job)
+                out_q.put(job)
+        except BaseException as exc:  # noqa: BLE001 - forwarded to the caller
+            self._fail(exc)
+        finally:
+            out_q.put(None)
+
+    def _load(self, job: Job) -> None:
+        for t in job.tensors:
+            ins = []
+            for ref in t.inputs:
+                _, info, view = self._source_view(ref)
+                if tuple(view.shape) != tuple(t.shape):
+                    raise MergeError(
+                        f"{info.file}: tensor {ref.tensor!r} has shape {tuple(view.shape)}, expected {tuple(t.shape)}"
+                    )
+                with self.lock:
+                    self.bytes_read += info.nbytes
+                if self.cuda:
+                    buf = self.pool.acquire(info.nbytes)
+                    job.staged.append(buf)
+                    staged = _view(buf, view.dtype, view.shape)
+                    staged.copy_(view)
+                    with torch.cuda.stream(self.copy_stream):
+                        view = staged.to(self.device, non_blocking=True)
+                ins.append(view)
+            job.inputs.append(ins)
+        if self.cuda:
+            job.event = torch.cuda.Event()
+            job.event.record(self.copy_stream)
+
+    # -- stage 2: compute
+    def compute(self, job: Job) -> None:
+        if job.kind == "copy":
+            return
+        if self.cuda:
+            self.compute_stream.wait_event(job.event)
+            for ins in job.inputs:
+                for x in ins:
+                    x.record_stream(self.compute_stream)
+        results = self._merge(job)
+        for t, r in zip(job.tensors, results):
+            if r.dtype != t.out_dtype:
+                r = r.to(t.out_dtype)
+            if r.is_floating_point():
+                # A 0-d tensor: on CUDA it is read once at the end, so no sync here.
+                self.finite_flags.append((t.name, torch.isfinite(r).all()))
+            if self.cuda:
+                buf = self.pool.acquire(r.numel() * r.element_size())
+                job.out_bufs.append(buf)
+                host = _view(buf, r.dtype, r.shape)
+                host.copy_(r, non_blocking=True)
+                r = host
+            job.outputs.append(r)
+        if self.cuda:
+            job.event = torch.cuda.Event()
+            job.event.record(self.compute_stream)
+
+    def _merge(self, job: Job) -> list[torch.Tensor]:
+        casted = [
+            [x if x.dtype == t.in_dtype else x.to(t.in_dtype) for x in ins]
+            for t, ins in zip(job.tensors, job.inputs)
+        ]
+        if job.kind == "slerp_batch" or job.tensors[0].method == "slerp":
+            outs = None
+            if not self.cuda:
+                # Outputs straight into pooled buffers: no fresh allocations, no page faults.
+                outs = []
+                for t in job.tensors:
+                    buf = self.pool.acquire(math.prod(t.shape) * itemsize(t.in_dtype))
+                    job.out_bufs.append(buf)
+                    outs.append(_view(buf, t.in_dtype, t.shape))
+            return methods.slerp_many(
+                [_params(t)["t"] for t in job.tensors], [c[0] for c in casted], [c[1] for c in casted],
+                backend=self.opt.backend, outs=outs,
+            )  # fmt: skip
+        t = job.tensors[0]
+        p = _params(t)
+        if t.method == "linear":
+            return [methods.linear(casted[0], p["weights"], p.get("normalize", True))]
+        if t.method == "passthrough":
+            return [methods.passthrough(casted[0][0], p.get("scale"))]
+        raise MergeError(f"tensor {t.name}: unknown merge method {t.method!r}")
+
+    # -- stage 3: writer
+    def writer(self, in_q: queue.Queue) -> None:
+        try:
+            while True:
+                job = in_q.get()
+                if job is None:
+                    return
+                if self.error is not None:
+                    self._recycle(job)
+                    continue
+                if job.event is not None and job.kind != "copy":
+                    job.event.synchronize()
+                for i, t in enumerate(job.tensors):
+                    shard, _ = self.writers[t.name]
+                    if job.kind == "copy":
+                        n = self._copy_raw(t, shard)
+                    else:
+                        n = shard.write(t.name, job.outputs[i])
+                    with self.lock:
+                        self.bytes_written += n
+                    self.progress(n)
+                self._recycle(job)
+        except BaseException as exc:  # noqa: BLE001 - forwarded to the caller
+            self._fail(exc)
+            # Keep draining so the producer never blocks on a full queue.
+            while in_q.get() is not None:
+                pass
+
+    def _copy_raw(self, t, shard: ShardWriter) -> int:
+        ref = t.inputs[0]
+        src = self.plan.sources[ref.model]
+        info = src.tensors[ref.tensor]
+        start, end = shard.offsets[t.name]
+        n = end - start
+        if n:
+            reader = src.reader(info.file)
+            in_fd = reader._file.fileno()
+            done = 0
+            try:
+                while done < n:
+                    k = os.copy_file_range(in_fd, shard._fd, n - done, info.start + done, start + done)
+                    if k == 0:
+                        raise OSError("copy_file_range copied nothing")
+                    done += k
+            except (OSError, AttributeError):
+                shard.write(t.name, reader.view(ref.tensor))
+            else:
+                shard.written.add(t.name)
+            reader.release(ref.tensor)
+        else:
+            shard.written.add(t.name)
+        with self.lock:
+            self.bytes_read += n
+        return n
+
+    def _recycle(self, job: Job) -> None:
+        for t in job.tensors:
+            for ref in t.inputs:
+                src = self.plan.sources[ref.model]
+                info = src.tensors[ref.tensor]
+                src.reader(info.file).release(ref.tensor)
+        for buf in job.staged + job.out_bufs:
+            self.pool.release(buf)
+        job.inputs.clear()
+        job.outputs.clear()
+        job.staged.clear()
+        job.out_bufs.clear()
+
+    @property
+    def nonfinite(self) -> list[str]:
+        return [name for name, ok in self.finite_flags if not bool(ok)]
+
+    def run(self, jobs: list[Job]) -> None:
+        load_q: queue.Queue = queue.Queue(maxsize=4)
+        write_q: queue.Queue = queue.Queue(maxsize=8)
+        lt = threading.Thread(target=self.loader, args=(jobs, load_q), name="mkf-loader", daemon=True)
+        wt = threading.Thread(target=self.writer, args=(write_q,), name="mkf-writer", daemon=True)
+        lt.start()
+        wt.start()
+        try:
+            while True:
+                job = load_q.get()
+                if job is None:
+                    break
+                if self.error is None:
+                    try:
+                        self.compute(job)
+                    except BaseException as exc:
+                        self._fail(exc)
+                write_q.put(job)
+        except BaseException as exc:  # KeyboardInterrupt included
+            self._fail(exc)
+            while lt.is_alive():
+                with contextlib.suppress(queue.Empty):
+                    load_q.get(timeout=0.05)
+        finally:
+            write_q.put(None)
+            lt.join()
+            wt.join()
+            self.pool.close()
+        if self.error is not None:
+            raise self.error
+
+
+# ----------------------------------------------------------------------------- output directory
+
+
+def _clean_stale_tmp(out: Path) -> None:
+    """Remove temporary directories of earlier runs for the same OUT whose process is gone."""
+    prefix = f".{out.name}{TMP_MARK}"
+    for p in out.parent.glob(prefix + "*"):
+        try:
+            pid = int(p.name[len(prefix) :])
+        except ValueError:
+            continue
+        if pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, 0)
+            continue  # still running
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True)
+        except PermissionError:
+            continue
+
+
+def model_card(plan) -> str:
+    models = "\n".join(f"* {name}" for name in plan.sources)
+    methods_used = sorted({t.method for t in plan.tensors})
+    return (
+        "---\nlibrary_name: transformers\ntags:\n- mergekit\n- mergekit_fast\n- merge\n---\n"
+        "# merged model\n\n"
+        "This is a merge of pre-trained language models created with "
+        "[mergekit_fast](https://github.com/) (mergekit-compatible).\n\n"
+        f"## Merge details\n\nMerge method(s): {', '.join(methods_used)}\n\n"
+        f"### Models merged\n\n{models}\n\n"
+        f"### Configuration\n\n```yaml\n{plan.config_yaml.strip()}\n```\n"
+    )
+
+
+def _finalize_files(plan, tmp: Path, shard_files: list[str], weight_map: dict, total: int, opt: MergeOptions):
+    if len(shard_files) > 1:
+        index = {"metadata": {"total_size": total, "mergekit_version": "0.1.5"}, "weight_map": weight_map}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    (tmp / "config.json").write_text(json.dumps(plan.out_config, indent=2, sort_keys=True) + "\n")
+    if opt.write_model_card:
+        (tmp / "README.md").write_text(model_card(plan))
+        (tmp / "mergekit_config.yml").write_text(plan.config_yaml)
+    if opt.copy_tokenizer and plan.tokenizer_source is not None:
+        src = Path(plan.tokenizer_source)
+        for name in TOKENIZER_FILES:
+            if (src / name).exists():
+                shutil.copyfile(src / name, tmp / name)
+
+
+def _install(tmp: Path, out: Path, force: bool) -> None:
+    if out.exists():
+        if not force:
+            raise MergeError(f"{out} exists; pass --force to replace it")
+        trash = out.parent / f".{out.name}.mergekit_fast-old-{os.getpid()}"
+        os.rename(out, trash)
+        os.rename(tmp, out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(tmp, out)
+
+
+def run_merge(plan, out_path: str | os.PathLike, options: MergeOptions | None = None) -> MergeResult:
+    """Execute ``plan`` and write the merged model to ``out_path`` atomically."""
+    opt = options or MergeOptions()
+    out = Path(out_path).absolute()
+    if out.exists() and not opt.force:
+        raise MergeError(f"{out} exists; pass --force to replace it")
+    if not out.parent.exists():
+        raise MergeError(f"{out.parent}: the parent directory of the output does not exist")
+    device = resolve_device(opt.device)
+    t0 = time.perf_counter()
+    _clean_stale_tmp(out)
+    tmp = out.parent / f".{out.name}{TMP_MARK}{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+    except OSError as exc:
+        raise MergeError(f"{out.parent}: cannot create the output there ({exc.strerror})") from None
+    writers: list[ShardWriter] = []
+    bar = None
+    try:
+        shards = assign_shards(plan.tensors, opt.out_shard_size)
+        names = shard_names(len(shards))
+        by_name: dict[str, tuple[ShardWriter, int]] = {}
+        weight_map: dict[str, str] = {}
+        total = 0
+        for i, (fname, ts) in enumerate(zip(names, shards)):
+            entries = [(t.name, t.out_dtype, tuple(t.shape)) for t in ts]
+            try:
+                w = ShardWriter(tmp / fname, entries, metadata={"format": "pt"})
+            except OSError as exc:
+                raise MergeError(f"{tmp / fname}: cannot create the shard ({exc.strerror})") from None
+            writers.append(w)
+            for t in ts:
+                by_name[t.name] = (w, i)
+                weight_map[t.name] = fname
+                total += math.prod(t.shape) * itemsize(t.out_dtype)
+        show = opt.progress if opt.progress is not None else sys.stderr.isatty()
+        if show:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, unit="B", unit_scale=True, desc="merging", file=sys.stderr)
+        jobs = make_jobs(plan)
+        pipe = _Pipeline(plan, by_name, opt, device, bar.update if bar else (lambda n: None))
+        pipe.run(jobs)
+        for w in writers:
+            w.close(fsync=opt.fsync)
+        nonfinite = pipe.nonfinite
+        if nonfinite:
+            msg = f"{len(nonfinite)} merged tensor(s) contain NaN or Inf: {', '.join(nonfinite[:8])}"
+            if opt.strict:
+                raise MergeError(msg + " (--strict)")
+            log.warning(msg)
+        _finalize_files(plan, tmp, names, weight_map, total, opt)
+        verify_ulp = None
+        if opt.verify:
+            from mergekit_fast.verify import verify_output
+
+            verify_ulp = verify_output(plan, tmp, opt.verify)
+        _install(tmp, out, opt.force)
+    except BaseException:
+        for w in writers:
+            w.abort()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+        for src in plan.sources.values():
+            src.close()
+    return MergeResult(
+        out_path=out,
+        seconds=time.perf_counter() - t0,
+        tensors=len(plan.tensors),
+        bytes_read=pipe.bytes_read,
+        bytes_written=pipe.bytes_written,
+        peak_rss=peak_rss_bytes(),
+        shards=len(names),
+        verify_max_ulp=verify_ulp,
+        nonfinite=nonfinite,
+    )

@@ -1,0 +1,326 @@
+"""End to end: `mergekit-fast merge` writes what `mergekit-yaml` (mergekit 0.1.5) writes.
+
+Both tools run in this process on the same tiny random models; the outputs are compared tensor by
+tensor (names, shapes, dtypes, values) and through transformers (the outputs load and give the
+same logits).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from fixtures_models import make_model
+from safetensors import safe_open
+
+from mergekit_fast import cli
+
+pytestmark = pytest.mark.mergekit
+
+
+def read_model(path: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            for k in st.keys():
+                out[k] = st.get_tensor(k)
+    return out
+
+
+def run_mergekit(config: str, out: Path, **opts) -> Path:
+    import yaml
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    options = MergeOptions(write_model_card=False, clone_tensors=True, quiet=True, **opts)
+    run_merge(MergeConfiguration.model_validate(yaml.safe_load(config)), str(out), options=options,
+              config_source=config)  # fmt: skip
+    return out
+
+
+def run_ours(config: str, out: Path, *extra: str) -> Path:
+    cfg = out.parent / (out.name + ".yml")
+    cfg.write_text(config)
+    rc = cli.main(["merge", str(cfg), str(out), "--no-progress", "-q", *extra])
+    assert rc == 0
+    return out
+
+
+def ulp_diff_bf16(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Distance in bf16 ulps (units in the last place), via the ordered integer representation."""
+    xi = x.view(torch.int16).to(torch.int32)
+    yi = y.view(torch.int16).to(torch.int32)
+    xi = torch.where(xi < 0, -32768 - xi, xi)
+    yi = torch.where(yi < 0, -32768 - yi, yi)
+    return (xi - yi).abs()
+
+
+def assert_same_model(ours: Path, theirs: Path, *, slerp: bool = False) -> None:
+    a, b = read_model(ours), read_model(theirs)
+    assert sorted(a) == sorted(b), set(a) ^ set(b)
+    for name in a:
+        x, y = a[name], b[name]
+        assert x.shape == y.shape and x.dtype == y.dtype, name
+        if torch.equal(x, y):
+            continue
+        assert slerp, f"{name} differs"
+        # SLERP: our fp64 sums vs mergekit's normalised fp32 chunks move a coefficient by at most an
+        # fp32 ulp, which flips the bf16 rounding of a few elements by one ulp.
+        if x.dtype == torch.bfloat16:
+            d = ulp_diff_bf16(x, y)
+            assert d.max() <= 1, (name, d.max())
+            assert (d > 0).float().mean() <= 1e-3, name
+        else:
+            scale = x.double().abs().max() + 1e-30
+            assert ((x.double() - y.double()).abs().max() / scale) <= 1e-6, name
+    ca = json.loads((ours / "config.json").read_text())
+    cb = json.loads((theirs / "config.json").read_text())
+    assert ca["num_hidden_layers"] == cb["num_hidden_layers"]
+    assert ca.get("torch_dtype", ca.get("dtype")) == cb.get("torch_dtype", cb.get("dtype"))
+
+
+def logits(path: Path, ids: torch.Tensor) -> torch.Tensor:
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return {
+        "a": make_model(root / "a", seed=1, num_layers=6, tokenizer=True),
+        "b": make_model(root / "b", seed=2, num_layers=6),
+        "c": make_model(root / "c", seed=3, num_layers=6),
+        "a_sharded": make_model(root / "a_sharded", seed=1, num_layers=6, max_shard_size="20KB"),
+        "tied_a": make_model(root / "tied_a", seed=4, tie_word_embeddings=True),
+        "tied_b": make_model(root / "tied_b", seed=5, tie_word_embeddings=True),
+        "qwen_a": make_model(root / "qwen_a", "qwen2", seed=6),
+        "qwen_b": make_model(root / "qwen_b", "qwen2", seed=7),
+    }
+
+
+SLERP_GRADIENT = """
+slices:
+  - sources:
+      - model: {a}
+        layer_range: [0, 6]
+      - model: {b}
+        layer_range: [0, 6]
+merge_method: slerp
+base_model: {a}
+parameters:
+  t:
+    - filter: self_attn
+      value: [0, 0.5, 0.3, 0.7, 1]
+    - filter: mlp
+      value: [1, 0.5, 0.7, 0.3, 0]
+    - value: 0.5
+dtype: bfloat16
+"""
+
+
+def test_slerp_gradient_matches_mergekit(models, tmp_path):
+    cfg = SLERP_GRADIENT.format(a=models["a"], b=models["b"])
+    ours = run_ours(cfg, tmp_path / "ours", "--verify", "all")
+    theirs = run_mergekit(cfg, tmp_path / "theirs")
+    assert_same_model(ours, theirs, slerp=True)
+    # Tokenizer and generation config copied from the base model, model card and config written.
+    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "README.md",
+              "mergekit_config.yml", "config.json"):  # fmt: skip
+        assert (ours / f).exists(), f
+    ids = torch.randint(0, 128, (2, 9))
+    torch.testing.assert_close(logits(ours, ids), logits(theirs, ids), rtol=0.02, atol=0.02)
+
+
+def test_linear_three_models_identical(models, tmp_path):
+    cfg = f"""
+models:
+  - model: {models["a"]}
+    parameters: {{weight: 0.5}}
+  - model: {models["b"]}
+    parameters: {{weight: [0.2, 0.8]}}
+  - model: {models["c"]}
+    parameters: {{weight: 0.3}}
+merge_method: linear
+dtype: bfloat16
+"""
+    ours = run_ours(cfg, tmp_path / "ours")
+    theirs = run_mergekit(cfg, tmp_path / "theirs")
+    assert_same_model(ours, theirs)
+    ids = torch.randint(0, 128, (1, 7))
+    assert torch.equal(logits(ours, ids), logits(theirs, ids))
+
+
+def test_linear_unnormalized_fp32(models, tmp_path):
+    cfg = f"""
+models:
+  - model: {models["a"]}
+    parameters: {{weight: 1.0}}
+  - model: {models["b"]}
+    parameters: {{weight: -0.25}}
+merge_method: linear
+parameters: {{normalize: false}}
+dtype: float32
+"""
+    assert_same_model(run_ours(cfg, tmp_path / "ours"), run_mergekit(cfg, tmp_path / "theirs"))
+
+
+def test_dus_overlapping_slices_and_sharded_output(models, tmp_path):
+    cfg = f"""
+slices:
+  - sources:
+      - model: {models["a"]}
+        layer_range: [0, 4]
+  - sources:
+      - model: {models["a"]}
+        layer_range: [2, 6]
+merge_method: passthrough
+dtype: bfloat16
+"""
+    ours = run_ours(cfg, tmp_path / "ours", "--out-shard-size", "30K")
+    theirs = run_mergekit(cfg, tmp_path / "theirs", out_shard_size=30_000)
+    assert_same_model(ours, theirs)
+    assert json.loads((ours / "config.json").read_text())["num_hidden_layers"] == 8
+    index = json.loads((ours / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    assert sorted(index["weight_map"]) == sorted(read_model(ours))
+    ids = torch.randint(0, 128, (1, 5))
+    assert torch.equal(logits(ours, ids), logits(theirs, ids))
+
+
+def test_dus_command_equals_config(models, tmp_path):
+    rc = cli.main(["dus", str(models["a"]), str(tmp_path / "dus"), "--drop", "2", "--no-progress", "-q"])
+    assert rc == 0
+    cfg = f"""
+slices:
+  - sources:
+      - model: {models["a"]}
+        layer_range: [0, 4]
+  - sources:
+      - model: {models["a"]}
+        layer_range: [2, 6]
+merge_method: passthrough
+"""
+    theirs = run_mergekit(cfg, tmp_path / "theirs")
+    assert_same_model(tmp_path / "dus", theirs)
+
+
+def test_passthrough_scale_and_sharded_input(models, tmp_path):
+    cfg = f"""
+slices:
+  - sources:
+      - model: {models["a_sharded"]}
+        layer_range: [0, 6]
+        parameters:
+          scale:
+            - filter: o_proj
+              value: 0.5
+            - filter: down_proj
+              value: 0.25
+            - value: 1.0
+merge_method: passthrough
+"""
+    assert_same_model(run_ours(cfg, tmp_path / "ours"), run_mergekit(cfg, tmp_path / "theirs"))
+
+
+def test_tied_embeddings_and_out_dtype(models, tmp_path):
+    cfg = f"""
+models:
+  - model: {models["tied_a"]}
+  - model: {models["tied_b"]}
+merge_method: slerp
+base_model: {models["tied_a"]}
+parameters: {{t: 0.3}}
+out_dtype: float16
+"""
+    ours = run_ours(cfg, tmp_path / "ours")
+    theirs = run_mergekit(cfg, tmp_path / "theirs")
+    a, b = read_model(ours), read_model(theirs)
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype == torch.float16
+        # bf16 math, then fp16 output: both round the same bf16 values (1 bf16 ulp apart at most).
+        torch.testing.assert_close(a[k].float(), b[k].float(), rtol=2**-7, atol=1e-6)
+    ids = torch.randint(0, 128, (1, 5))
+    torch.testing.assert_close(logits(ours, ids), logits(theirs, ids), rtol=0.02, atol=0.02)
+
+
+def test_qwen2_biases(models, tmp_path):
+    cfg = f"""
+models:
+  - model: {models["qwen_a"]}
+  - model: {models["qwen_b"]}
+merge_method: slerp
+base_model: {models["qwen_a"]}
+parameters: {{t: 0.6}}
+"""
+    ours = run_ours(cfg, tmp_path / "ours")
+    assert any(k.endswith("q_proj.bias") for k in read_model(ours))
+    assert_same_model(ours, run_mergekit(cfg, tmp_path / "theirs"), slerp=True)
+
+
+# ----------------------------------------------------------------------------- output handling
+
+
+def test_existing_output_refused_without_force(models, tmp_path):
+    cfg = SLERP_GRADIENT.format(a=models["a"], b=models["b"])
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    cfgf = tmp_path / "c.yml"
+    cfgf.write_text(cfg)
+    assert cli.main(["merge", str(cfgf), str(out), "--no-progress", "-q"]) == 2
+    assert (out / "keep.txt").read_text() == "precious"
+    assert cli.main(["merge", str(cfgf), str(out), "--no-progress", "-q", "--force"]) == 0
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+    assert not list(tmp_path.glob(".out.mergekit_fast-*"))
+
+
+def test_failed_merge_leaves_nothing(models, tmp_path, monkeypatch):
+    from mergekit_fast import engine
+
+    def boom(self, job):
+        raise RuntimeError("simulated failure mid-merge")
+
+    monkeypatch.setattr(engine._Pipeline, "compute", boom)
+    cfgf = tmp_path / "c.yml"
+    cfgf.write_text(SLERP_GRADIENT.format(a=models["a"], b=models["b"]))
+    with pytest.raises(RuntimeError, match="simulated"):
+        cli.main(["merge", str(cfgf), str(tmp_path / "out"), "--no-progress", "-q"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yml"]
+
+
+def test_yaml_alias_accepts_mergekit_flags(models, tmp_path, capsys):
+    cfgf = tmp_path / "c.yml"
+    cfgf.write_text(SLERP_GRADIENT.format(a=models["a"], b=models["b"]))
+    out = tmp_path / "out"
+    rc = cli.yaml_alias_main([str(cfgf), str(out), "--lazy-unpickle", "--clone-tensors", "--no-cuda",
+                              "--out-shard-size", "1B", "--write-threads", "2", "--quiet"])  # fmt: skip
+    assert rc == 0 and (out / "model.safetensors").exists()
+    assert "--lazy-unpickle ignored" in capsys.readouterr().err
+
+
+def test_small_memory_budget_still_merges(models, tmp_path):
+    # A budget smaller than one tensor: tensors run one at a time, the result is unchanged.
+    cfg = SLERP_GRADIENT.format(a=models["a"], b=models["b"])
+    small = run_ours(cfg, tmp_path / "small", "--max-memory", "1K")
+    big = run_ours(cfg, tmp_path / "big")
+    assert read_model(small).keys() == read_model(big).keys()
+    for k, v in read_model(small).items():
+        assert torch.equal(v, read_model(big)[k])
+
+
+def test_cli_errors_name_the_problem(models, tmp_path, capsys):
+    cfgf = tmp_path / "c.yml"
+    cfgf.write_text(SLERP_GRADIENT.format(a=models["a"], b=tmp_path / "missing"))
+    assert cli.main(["merge", str(cfgf), str(tmp_path / "out"), "--no-progress", "-q"]) == 2
+    assert "missing" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
