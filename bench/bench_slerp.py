@@ -11,6 +11,7 @@ mergekit is installed (else the same three-pass torch code restated here), measu
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -56,6 +57,21 @@ def mergekit_style_slerp():
     return "mergekit-style", slerp
 
 
+def _providers(names, mk_name, mk_slerp, As, Bs, *, batched: bool) -> dict:
+    """name -> zero-argument callable, for each backend and for mergekit (a per-tensor loop)."""
+    ts = [0.3] * len(As)
+    tt = torch.tensor([0.3], device=As[0].device)
+    outs = [torch.empty_like(a) for a in As]  # preallocated: time the kernel, not the allocator
+    suffix = "-segmented" if batched else ""
+    provs = {
+        f"{n}{suffix}": functools.partial(mk.slerp_batched, ts, As, Bs, backend=n, outs=outs) for n in names
+    }
+    provs[mk_name + ("-loop" if batched else "")] = lambda: [
+        mk_slerp(tt, x[None], y[None]) for x, y in zip(As, Bs)
+    ]
+    return provs
+
+
 def run(quick: bool, device: str, out_dir: Path) -> list[dict]:
     dev = torch.device(device)
     names = [b for b in ("cuda", "triton", "cpp") if backends.unavailable_reason(b, dev) is None]
@@ -75,9 +91,7 @@ def run(quick: bool, device: str, out_dir: Path) -> list[dict]:
             a = torch.randn(n, device=dev).to(dtype)
             b = torch.randn(n, device=dev).to(dtype)
             traffic = 5 * n * a.element_size()
-            tt = torch.tensor([0.3], device=dev)
-            provs = {name: (lambda name=name: mk.slerp(0.3, a, b, backend=name)) for name in names}
-            provs[mk_name] = lambda: mk_slerp(tt, a[None], b[None])
+            provs = _providers(names, mk_name, mk_slerp, [a], [b], batched=False)
             times = {p: common.bench_time(f, device=device, budget_s=budget) for p, f in provs.items()}
             for p, sec in times.items():
                 rows.append({
@@ -88,20 +102,13 @@ def run(quick: bool, device: str, out_dir: Path) -> list[dict]:
             best = min(names, key=times.__getitem__) if names else mk_name
             print(f"slerp {dtype} n=2^{e}: " + ", ".join(f"{p} {traffic / s / 1e9:.2f} GB/s" for p, s in times.items())
                   + f"  (best {best}: {times[mk_name] / times[best]:.1f}x mergekit)")  # fmt: skip
-            del a, b
     # Segmented: many small tensors (norms, biases) in one call, against a per-tensor loop.
     count = 512 if quick else 2048
     for size in [1024, 4096] if quick else [256, 1024, 4096, 16384]:
         As = [torch.randn(size, device=dev).bfloat16() for _ in range(count)]
         Bs = [torch.randn(size, device=dev).bfloat16() for _ in range(count)]
-        ts = [0.3] * count
         traffic = 3 * size * count * 2
-        tt = torch.tensor([0.3], device=dev)
-        provs = {
-            f"{name}-segmented": (lambda name=name: mk.slerp_batched(ts, As, Bs, backend=name))
-            for name in names
-        }
-        provs[mk_name + "-loop"] = lambda: [mk_slerp(tt, x[None], y[None]) for x, y in zip(As, Bs)]
+        provs = _providers(names, mk_name, mk_slerp, As, Bs, batched=True)
         times = {p: common.bench_time(f, device=device, budget_s=budget) for p, f in provs.items()}
         for p, sec in times.items():
             rows.append({
