@@ -412,12 +412,7 @@ class _Pipeline:
                 backend=self.opt.backend, outs=outs,
             )  # fmt: skip
         t = job.tensors[0]
-        p = _params(t)
-        if t.method == "linear":
-            return [methods.linear(casted[0], p["weights"], p.get("normalize", True))]
-        if t.method == "passthrough":
-            return [methods.passthrough(casted[0][0], p.get("scale"))]
-        raise MergeError(f"tensor {t.name}: unknown merge method {t.method!r}")
+        return [methods.apply(t.method, casted[0], _params(t))]
 
     # -- stage 3: writer
     def writer(self, in_q: queue.Queue) -> None:

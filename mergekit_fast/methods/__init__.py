@@ -9,13 +9,45 @@ already memory-bound and equal mergekit's bit for bit.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from mergekit_fast.ops.slerp import slerp_batched
 
-METHODS = ("slerp", "linear", "passthrough")
+# name -> fn(inputs, **params) for the methods the engine runs one tensor at a time. SLERP runs
+# through ``slerp_many`` (batched) instead. Other modules (the MoE builder) register their own.
+REGISTRY: dict[str, Callable[..., torch.Tensor]] = {}
+
+
+def register(name: str):
+    def deco(fn):
+        if name in REGISTRY:
+            raise ValueError(f"merge method {name!r} is already registered")
+        REGISTRY[name] = fn
+        return fn
+
+    return deco
+
+
+def apply(method: str, inputs: Sequence[torch.Tensor], params: dict) -> torch.Tensor:
+    """Run a registered method on one output tensor's inputs."""
+    if method == "slerp":
+        return slerp_many([params["t"]], [inputs[0]], [inputs[1]])[0]
+    fn = REGISTRY.get(method)
+    if fn is None:
+        raise ValueError(f"unknown merge method {method!r}")
+    return fn(inputs, **params)
+
+
+@register("linear")
+def _linear_method(inputs, weights, normalize=True):
+    return linear(inputs, weights, normalize)
+
+
+@register("passthrough")
+def _passthrough_method(inputs, scale=None):
+    return passthrough(inputs[0], scale)
 
 
 def linear(tensors: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool = True) -> torch.Tensor:
