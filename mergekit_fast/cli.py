@@ -97,11 +97,11 @@ def _setup(args) -> None:
 
 
 def _run_config(config_source, out: str, args) -> int:
-    from mergekit_fast.config import load_config
+    from mergekit_fast.config import load_config, parse_config
     from mergekit_fast.engine import run_merge
     from mergekit_fast.plan import build_plan
 
-    config = load_config(config_source)
+    config = load_config(config_source) if isinstance(config_source, Path) else parse_config(config_source)
     plan = build_plan(config)
     result = run_merge(plan, out, _options(args))
     if not args.quiet:
