@@ -622,7 +622,7 @@ def _check(raw: MergeConfiguration, text: str, base_dir: str) -> MergeConfig:
     if raw.models:
         for i, m in enumerate(raw.models):
             ref(m.model, f"models[{i}].model")
-            _check_parameters(m.parameters, method, f"models[{i}].parameters")
+            _check_parameters(m.parameters, method, f"models[{i}].parameters", per_model=True)
     else:
         for i, s in enumerate(raw.slices):
             key = f"slices[{i}]"
@@ -640,7 +640,7 @@ def _check(raw: MergeConfiguration, text: str, base_dir: str) -> MergeConfig:
                         f"{k}.layer_range: [{start}, {end}] is not a half-open range [start, end) with "
                         "0 <= start < end"
                     )
-                _check_parameters(src.parameters, method, f"{k}.parameters")
+                _check_parameters(src.parameters, method, f"{k}.parameters", per_model=True)
             lengths = [src.layer_range[1] - src.layer_range[0] for src in s.sources]
             if len(set(lengths)) > 1:
                 ranges = ", ".join(f"{list(src.layer_range)}" for src in s.sources)
@@ -669,7 +669,7 @@ def _check(raw: MergeConfiguration, text: str, base_dir: str) -> MergeConfig:
     return cfg
 
 
-def _check_parameters(params, method: MethodSpec, where: str) -> None:
+def _check_parameters(params, method: MethodSpec, where: str, *, per_model: bool = False) -> None:
     if not params:
         return
     for name, setting in params.items():
@@ -683,6 +683,13 @@ def _check_parameters(params, method: MethodSpec, where: str) -> None:
                 name,
             )
             continue
+        if per_model and spec.scope == SHARED:
+            LOG.warning(
+                "%s: %r is shared by all models of a slice, so mergekit never reads it from a model's own "
+                "parameters; set it in the slice's or the top-level parameters",
+                key,
+                name,
+            )
         for path, value in _leaves(setting):
             try:
                 spec.validate(value)

@@ -585,3 +585,12 @@ def test_gradient_single_layer_slice_uses_t_equals_one():
     setting = (0.0, 0.25, 1.0)
     assert evaluate_setting("x", setting, 1, validate=float) == 1.0
     assert math.isclose(evaluate_setting("x", setting, 0.75, validate=float), 0.625)
+
+
+def test_shared_parameter_under_a_model_warns(caplog):
+    parse_config(
+        "merge_method: slerp\nbase_model: a\nmodels:\n  - model: a\n  - model: b\n    parameters: {t: 0.1}\n"
+        "parameters: {t: 0.5}\n",
+        base_dir="/w",
+    )
+    assert "models[1].parameters.t" in caplog.text and "never reads it" in caplog.text

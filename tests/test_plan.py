@@ -289,8 +289,11 @@ dtype: float32
 
 @pytest.mark.mergekit
 def test_linear_mixed_dtypes_promote(m):
+    # base_model only picks the donor config here (linear ignores it): without one, mergekit takes the
+    # config of list(set(models))[0], which depends on PYTHONHASHSEED
     text = f"""
 merge_method: linear
+base_model: {m["a"]}
 models:
   - model: {m["a"]}
   - model: {m["f16"]}
@@ -494,6 +497,7 @@ def test_written_model_matches_plan(m, tmp_path):
     os.environ["HF_HUB_OFFLINE"] = "1"
     text = f"""
 merge_method: linear
+base_model: {m["a"]}
 models:
   - model: {m["a"]}
     parameters: {{weight: 1}}
