@@ -103,5 +103,61 @@ PYBIND11_MODULE(_C, m) {
 
   // ---------------------------------------------------------------- top-k routing
   // BEGIN routing bindings (owned by csrc/routing/; see routing/routing.h)
+  m.def(
+      "topk_routing_cpu",
+      [](int dtype, uintptr_t logits, uintptr_t bias, uintptr_t weights, uintptr_t ids, int64_t T,
+         int64_t E, int64_t k, int scoring, bool renormalize, int64_t num_groups,
+         int64_t topk_groups, int group_score, float scaling, int threads) {
+        py::gil_scoped_release nogil;
+        mkf::topk_routing_cpu(dtype, ptr<const void>(logits), ptr<const float>(bias),
+                              ptr<float>(weights), ptr<int32_t>(ids), T, E, k, scoring,
+                              renormalize, num_groups, topk_groups, group_score, scaling,
+                              threads);
+      },
+      py::arg("dtype"), py::arg("logits"), py::arg("bias"), py::arg("weights"), py::arg("ids"),
+      py::arg("T"), py::arg("E"), py::arg("k"), py::arg("scoring"), py::arg("renormalize"),
+      py::arg("num_groups"), py::arg("topk_groups"), py::arg("group_score"), py::arg("scaling"),
+      py::arg("threads") = 0);
+  m.def(
+      "routing_counts_cpu",
+      [](uintptr_t ids, int64_t n_slots, int64_t E, uintptr_t counts, uintptr_t order,
+         int threads) {
+        py::gil_scoped_release nogil;
+        mkf::routing_counts_cpu(ptr<const int32_t>(ids), n_slots, E, ptr<int32_t>(counts),
+                                ptr<int32_t>(order), threads);
+      },
+      py::arg("ids"), py::arg("n_slots"), py::arg("E"), py::arg("counts"), py::arg("order"),
+      py::arg("threads") = 0);
+#if defined(MKF_WITH_CUDA)
+  m.attr("routing_cuda_max_experts") = mkf::kRoutingCudaMaxExperts;
+  m.attr("routing_cuda_max_groups") = mkf::kRoutingCudaMaxGroups;
+  m.def(
+      "topk_routing_cuda",
+      [](int dtype, uintptr_t logits, uintptr_t bias, uintptr_t weights, uintptr_t ids, int64_t T,
+         int64_t E, int64_t k, int scoring, bool renormalize, int64_t num_groups,
+         int64_t topk_groups, int group_score, float scaling, uintptr_t stream) {
+        py::gil_scoped_release nogil;
+        mkf::topk_routing_cuda(dtype, ptr<const void>(logits), ptr<const float>(bias),
+                               ptr<float>(weights), ptr<int32_t>(ids), T, E, k, scoring,
+                               renormalize, num_groups, topk_groups, group_score, scaling,
+                               stream);
+      },
+      py::arg("dtype"), py::arg("logits"), py::arg("bias"), py::arg("weights"), py::arg("ids"),
+      py::arg("T"), py::arg("E"), py::arg("k"), py::arg("scoring"), py::arg("renormalize"),
+      py::arg("num_groups"), py::arg("topk_groups"), py::arg("group_score"), py::arg("scaling"),
+      py::arg("stream"));
+  m.def("routing_counts_cuda_workspace_bytes", &mkf::routing_counts_cuda_workspace_bytes,
+        py::arg("n_slots"), py::arg("E"));
+  m.def(
+      "routing_counts_cuda",
+      [](uintptr_t ids, int64_t n_slots, int64_t E, uintptr_t counts, uintptr_t order,
+         uintptr_t workspace, uintptr_t stream) {
+        py::gil_scoped_release nogil;
+        mkf::routing_counts_cuda(ptr<const int32_t>(ids), n_slots, E, ptr<int32_t>(counts),
+                                 ptr<int32_t>(order), ptr<void>(workspace), stream);
+      },
+      py::arg("ids"), py::arg("n_slots"), py::arg("E"), py::arg("counts"), py::arg("order"),
+      py::arg("workspace"), py::arg("stream"));
+#endif
   // END routing bindings
 }
