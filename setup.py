@@ -111,6 +111,8 @@ class NativeBuild(build_ext):
             subprocess.check_call(cmd)
             objects.append(str(obj))
         ext.extra_objects = list(ext.extra_objects or []) + objects
+        # Relink when a .cu changed: setuptools only compares sources and depends with the module.
+        ext.depends = list(ext.depends or []) + cu_files
         ext.define_macros = list(ext.define_macros or []) + [("MKF_WITH_CUDA", "1")]
         cuda_lib = Path(nvcc).resolve().parent.parent
         for libdir in (cuda_lib / "lib64", cuda_lib / "lib", cuda_lib / "targets/x86_64-linux/lib"):
