@@ -35,8 +35,12 @@ SEGMENT_MAX_NUMEL = 1 << 15
 #  * libm/CUDA acos and sin differ by an fp64 ulp, which can move a coefficient by 1 fp32 ulp;
 #  * Triton may contract c_a*a + c_b*b into an FMA (one rounding instead of two): < 1 fp32 ulp;
 #  * the Triton interpreter truncates bf16/fp16 stores instead of rounding: < 1 output ulp.
-# So 16-bit outputs are within 1 ulp, and fp32/fp64 within 2 ulps, of the scale.
-MAX_ULPS = {torch.bfloat16: 1.0, torch.float16: 1.0, torch.float32: 2.0, torch.float64: 2.0}
+#  * fp64 outputs also show the conditioning of the coefficients: near dot = -dot_threshold they move
+#    by ~1/(1 - dot^2) = 1000 times the relative change of the dot, and fp64 sums added in another
+#    order change the dot by a few 2^-53 (measured: C++ vs the reference, 4900 ulps at dot = -0.9995;
+#    acos/sin from glibc, CUDA or the Triton series add a few ulps anywhere).
+# So 16-bit outputs are within 1 ulp, fp32 within 2 ulps, and fp64 within 2^14 ulps (2^-38) of the scale.
+MAX_ULPS = {torch.bfloat16: 1.0, torch.float16: 1.0, torch.float32: 2.0, torch.float64: 16384.0}
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
