@@ -55,21 +55,57 @@ struct Scratch {
   std::vector<float> sel_x;
 };
 
+// Inserts v into the descending buffer out[0, k) (v > out[k - 1]).
+inline void insert_sorted(uint64_t* out, int64_t k, uint64_t v) {
+  int64_t j = k - 1;
+  while (j > 0 && out[j - 1] < v) {
+    out[j] = out[j - 1];
+    --j;
+  }
+  out[j] = v;
+}
+
 // The k largest of keys[0, n) (unique values), descending, into out[0, k). Keys equal to
 // routing::kTaken (0) are never chosen: callers guarantee at least k keys above it.
+//
+// k <= kInsertionMaxK: with enough full blocks of 16 keys, the k-th largest block maximum is a
+// lower bound of the k-th largest key (k keys reach it), so only blocks whose maximum reaches it
+// can hold a winner -- at most a few blocks are scanned key by key. The block maxima are
+// vectorised. Otherwise (few keys) every key is tested against the running k-th largest.
 void select_topk(const uint64_t* keys, int64_t n, int64_t k, uint64_t* out,
                  std::vector<uint64_t>& tmp) {
+  constexpr int64_t kBlock = 16;
   if (k <= kInsertionMaxK) {
     std::fill(out, out + k, routing::kTaken);
-    for (int64_t i = 0; i < n; ++i) {
-      uint64_t v = keys[i];
-      if (v <= out[k - 1]) continue;
-      int64_t j = k - 1;
-      while (j > 0 && out[j - 1] < v) {
-        out[j] = out[j - 1];
-        --j;
+    const int64_t nb = n / kBlock;
+    int64_t i = 0;
+    if (nb >= k && nb >= 4) {
+      tmp.resize(static_cast<size_t>(nb));
+      for (int64_t b = 0; b < nb; ++b) {
+        uint64_t m = 0;
+        for (int64_t j = 0; j < kBlock; ++j) m = std::max(m, keys[b * kBlock + j]);
+        tmp[b] = m;
       }
-      out[j] = v;
+      for (int64_t b = 0; b < nb; ++b)
+        if (tmp[b] > out[k - 1]) insert_sorted(out, k, tmp[b]);
+      const uint64_t bound = out[k - 1];
+      std::fill(out, out + k, routing::kTaken);
+      for (int64_t b = 0; b < nb; ++b) {
+        if (tmp[b] < bound) continue;
+        for (int64_t j = b * kBlock; j < (b + 1) * kBlock; ++j) {
+          const uint64_t v = keys[j];
+          if (v >= bound && v > out[k - 1]) insert_sorted(out, k, v);
+        }
+      }
+      i = nb * kBlock;
+    }
+    uint64_t thr = out[k - 1];
+    for (; i < n; ++i) {
+      const uint64_t v = keys[i];
+      if (v > thr) {
+        insert_sorted(out, k, v);
+        thr = out[k - 1];
+      }
     }
     return;
   }
@@ -97,9 +133,8 @@ void route_row(const typename F::storage* row, const float* bias, const RouteCon
 
   uint64_t* keys = s.keys.data();
   if (c.select_on_logits()) {
-    for (int64_t i = 0; i < E; ++i)
-      keys[i] = routing::pack(x[i] == x[i] ? routing::order_key(x[i]) : 0u,
-                              static_cast<uint32_t>(i));
+    for (int64_t i = 0; i < E; ++i)  // order_key maps NaN to 0 itself
+      keys[i] = routing::pack(routing::order_key(x[i]), static_cast<uint32_t>(i));
   } else {
     for (int64_t i = 0; i < E; ++i) {
       float sc = routing::row_score(c, x[i], m, z);

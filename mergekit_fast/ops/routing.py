@@ -52,7 +52,8 @@ stage, num_groups <= 1024 (``auto`` falls back to another backend beyond that).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import os
+from typing import NamedTuple
 
 import torch
 
@@ -84,8 +85,7 @@ RENORM_EPS = float.fromhex("0x1.79ca1p-67")  # fp32(1e-20)
 VERIFY_MAX_ULPS = 2.0
 
 
-@dataclass(frozen=True)
-class RoutingParams:
+class RoutingParams(NamedTuple):
     """Validated parameters of one routing call (num_groups 0: no group stage)."""
 
     T: int
@@ -407,29 +407,43 @@ def _gpu_kernel_limit(p: RoutingParams) -> str | None:
     return None
 
 
+_SELECT_CACHE: dict = {}
+
+
 def _select_backend(device: torch.device, requested: str | None, p: RoutingParams) -> str:
     limit = _gpu_kernel_limit(p)
+    # Availability does not change within a process; the environment variables that steer the
+    # choice may, and are part of the key (read only when they matter: this is per call).
+    env = os.environ.get(backends.ENV_BACKEND) if requested in (None, "auto") else None
+    interp = os.environ.get("TRITON_INTERPRET") if "triton" in (requested, env) else None
+    key = (device.type, requested, limit is None, env, interp)
+    name = _SELECT_CACHE.get(key)
+    if name is not None:
+        return name
     implemented = backends.BACKENDS
     if limit is not None:
         req = (requested or backends.default_backend()).lower()
         if req in ("cuda", "triton"):
             raise backends.BackendUnavailable(f"topk_routing: the {req} backend cannot route {limit}")
         implemented = ("cpp", "torch")
-    return backends.select("topk_routing", device, requested, implemented=implemented)
+    name = backends.select("topk_routing", device, requested, implemented=implemented)
+    _SELECT_CACHE[key] = name
+    return name
 
 
 def _topk_routing_impl(logits, bias, p: RoutingParams, backend: str, return_counts: bool):
-    logits = logits.contiguous()
-    if bias is not None:
+    """(weights, ids), plus (counts, order) with return_counts."""
+    if not logits.is_contiguous():
+        logits = logits.contiguous()
+    if bias is not None and not bias.is_contiguous():
         bias = bias.contiguous()
     name = _select_backend(logits.device, backend, p)
-    w = torch.empty((p.T, p.k), dtype=torch.float32, device=logits.device)
-    ids = torch.empty((p.T, p.k), dtype=torch.int32, device=logits.device)
+    w = logits.new_empty((p.T, p.k), dtype=torch.float32)  # new_empty: the cheapest allocation
+    ids = logits.new_empty((p.T, p.k), dtype=torch.int32)
     if p.T > 0:
         _RUNNERS[name](logits, bias, p, w, ids)
     if not return_counts:
-        empty = torch.empty(0, dtype=torch.int32, device=logits.device)
-        return w, ids, empty, empty.clone()
+        return w, ids
     counts = torch.zeros(p.E, dtype=torch.int32, device=logits.device)
     order = torch.empty(p.T * p.k, dtype=torch.int32, device=logits.device)
     if p.T > 0:
@@ -458,7 +472,11 @@ def _topk_routing_op(
     and order are empty tensors unless return_counts."""
     p = _check(logits, k, scoring, renormalize, bias, num_groups or None, topk_groups if num_groups else None,
                group_score, scaling)  # fmt: skip
-    return _topk_routing_impl(logits, bias, p, backend, return_counts)
+    out = _topk_routing_impl(logits, bias, p, backend, return_counts)
+    if not return_counts:
+        empty = torch.empty(0, dtype=torch.int32, device=logits.device)
+        out = (*out, empty, empty.clone())
+    return out
 
 
 @_topk_routing_op.register_fake
@@ -536,6 +554,5 @@ def topk_routing(
     else:
         out = _topk_routing_impl(logits, bias, p, backend, return_counts)
         if _verify.verify_enabled(verify):
-            name = _select_backend(logits.device, backend, p)
-            _verify_routing(name, logits, bias, p, out if return_counts else out[:2])
+            _verify_routing(_select_backend(logits.device, backend, p), logits, bias, p, out)
     return tuple(out) if return_counts else (out[0], out[1])
