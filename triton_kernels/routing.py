@@ -76,7 +76,7 @@ def _softmax_numerator(x, m):
 
 @triton.jit
 def _sigmoid(x):
-    s = tl.math.div_rn(tl.full(x.shape, 1.0, tl.float32), 1.0 + _exp_f32(-x))
+    s = tl.math.div_rn(tl.zeros_like(x) + 1.0, 1.0 + _exp_f32(-x))
     return tl.where(x != x, 0.0, s)
 
 
