@@ -214,6 +214,18 @@ def _view(buf: torch.Tensor, dtype: torch.dtype, shape) -> torch.Tensor:
     return buf[:n].view(dtype).view(shape)
 
 
+def _carve(
+    pool: BufferPool, specs: list[tuple[torch.dtype, tuple]]
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One pool buffer holding tensors of the given (dtype, shape), each 64-byte aligned."""
+    offsets, total = [], 0
+    for dtype, shape in specs:
+        offsets.append(total)
+        total += -(-(math.prod(shape) * itemsize(dtype)) // 64) * 64
+    buf = pool.acquire(total)
+    return buf, [_view(buf[off:], dtype, shape) for off, (dtype, shape) in zip(offsets, specs)]
+
+
 # ----------------------------------------------------------------------------- work items
 
 
@@ -236,17 +248,24 @@ def _params(t) -> dict:
     return dict(t.params)
 
 
+# Methods whose inputs have the output's shape (checked when loading). Others (the MoE builder's) check
+# their inputs' shapes when they are planned.
+SAME_SHAPE_METHODS = frozenset({"slerp", "linear", "passthrough"})
+
+
 def _is_raw_copy(t, sources) -> bool:
-    if t.method != "passthrough" or _params(t).get("scale") is not None:
+    """passthrough without scale, or concat (the inputs' bytes one after another), with no dtype change."""
+    if t.method not in ("passthrough", "concat") or _params(t).get("scale") is not None or not t.inputs:
         return False
-    info = sources[t.inputs[0].model].tensors[t.inputs[0].tensor]
-    return info.dtype == t.in_dtype == t.out_dtype
+    return all(sources[r.model].tensors[r.tensor].dtype == t.in_dtype == t.out_dtype for r in t.inputs)
 
 
 def make_jobs(plan) -> list[Job]:
     """Group the plan's tensors into jobs, ordered by where their inputs lie on disk."""
 
     def key(t):
+        if not t.inputs:  # a constant
+            return ("", 0)
         info = plan.sources[t.inputs[0].model].tensors[t.inputs[0].tensor]
         return (str(info.file), info.start)
 
@@ -286,7 +305,11 @@ class _Pipeline:
         self.device = device
         self.cuda = device.type == "cuda"
         self.progress = progress
-        self.pool = BufferPool(options.max_memory, pin=self.cuda)
+        # Separate pools for staged inputs (CUDA) and outputs, and one acquire per job and pool:
+        # a job never waits on buffers that it, or a job queued behind it, holds.
+        budget = options.max_memory // 2 if self.cuda else options.max_memory
+        self.out_pool = BufferPool(budget, pin=self.cuda)
+        self.in_pool = BufferPool(budget, pin=True) if self.cuda else None
         self.error: BaseException | None = None
         self.bytes_read = 0
         self.bytes_written = 0
@@ -306,7 +329,7 @@ class _Pipeline:
         with self.lock:
             if self.error is None:
                 self.error = exc
-        self.pool.close()
+        self._close_pools()
 
     # -- stage 1: loader
     def _advise(self, jobs: list[Job], start: int, budget: int) -> int:
@@ -342,29 +365,40 @@ class _Pipeline:
         finally:
             out_q.put(None)
 
+    def _close_pools(self) -> None:
+        self.out_pool.close()
+        if self.in_pool is not None:
+            self.in_pool.close()
+
     def _load(self, job: Job) -> None:
+        views = []
         for t in job.tensors:
             ins = []
             for ref in t.inputs:
                 _, info, view = self._source_view(ref)
-                if tuple(view.shape) != tuple(t.shape):
+                if t.method in SAME_SHAPE_METHODS and tuple(view.shape) != tuple(t.shape):
                     raise MergeError(
                         f"{info.file}: tensor {ref.tensor!r} has shape {tuple(view.shape)}, expected {tuple(t.shape)}"
                     )
                 with self.lock:
                     self.bytes_read += info.nbytes
-                if self.cuda:
-                    buf = self.pool.acquire(info.nbytes)
-                    job.staged.append(buf)
-                    staged = _view(buf, view.dtype, view.shape)
-                    staged.copy_(view)
-                    with torch.cuda.stream(self.copy_stream):
-                        view = staged.to(self.device, non_blocking=True)
                 ins.append(view)
+                views.append(view)
             job.inputs.append(ins)
-        if self.cuda:
-            job.event = torch.cuda.Event()
-            job.event.record(self.copy_stream)
+        if not self.cuda:
+            return
+        # Stage every input of the job through one pinned buffer, then copy to the device.
+        buf, staged = _carve(self.in_pool, [(v.dtype, tuple(v.shape)) for v in views])
+        job.staged.append(buf)
+        it = iter(staged)
+        with torch.cuda.stream(self.copy_stream):
+            for ins in job.inputs:
+                for i, view in enumerate(ins):
+                    host = next(it)
+                    host.copy_(view)
+                    ins[i] = host.to(self.device, non_blocking=True)
+        job.event = torch.cuda.Event()
+        job.event.record(self.copy_stream)
 
     # -- stage 2: compute
     def compute(self, job: Job) -> None:
@@ -375,23 +409,23 @@ class _Pipeline:
             for ins in job.inputs:
                 for x in ins:
                     x.record_stream(self.compute_stream)
-        results = self._merge(job)
-        for t, r in zip(job.tensors, results):
+        results = []
+        for t, r in zip(job.tensors, self._merge(job)):
             if r.dtype != t.out_dtype:
                 r = r.to(t.out_dtype)
             if r.is_floating_point():
                 # A 0-d tensor: on CUDA it is read once at the end, so no sync here.
                 self.finite_flags.append((t.name, torch.isfinite(r).all()))
-            if self.cuda:
-                buf = self.pool.acquire(r.numel() * r.element_size())
-                job.out_bufs.append(buf)
-                host = _view(buf, r.dtype, r.shape)
-                host.copy_(r, non_blocking=True)
-                r = host
-            job.outputs.append(r)
+            results.append(r)
         if self.cuda:
+            buf, hosts = _carve(self.out_pool, [(r.dtype, tuple(r.shape)) for r in results])
+            job.out_bufs.append(buf)
+            for host, r in zip(hosts, results):
+                host.copy_(r, non_blocking=True)
+            results = hosts
             job.event = torch.cuda.Event()
             job.event.record(self.compute_stream)
+        job.outputs.extend(results)
 
     def _merge(self, job: Job) -> list[torch.Tensor]:
         casted = [
@@ -402,11 +436,8 @@ class _Pipeline:
             outs = None
             if not self.cuda:
                 # Outputs straight into pooled buffers: no fresh allocations, no page faults.
-                outs = []
-                for t in job.tensors:
-                    buf = self.pool.acquire(math.prod(t.shape) * itemsize(t.in_dtype))
-                    job.out_bufs.append(buf)
-                    outs.append(_view(buf, t.in_dtype, t.shape))
+                buf, outs = _carve(self.out_pool, [(t.in_dtype, tuple(t.shape)) for t in job.tensors])
+                job.out_bufs.append(buf)
             return methods.slerp_many(
                 [_params(t)["t"] for t in job.tensors], [c[0] for c in casted], [c[1] for c in casted],
                 backend=self.opt.backend, outs=outs,
@@ -443,31 +474,47 @@ class _Pipeline:
                 pass
 
     def _copy_raw(self, t, shard: ShardWriter) -> int:
-        ref = t.inputs[0]
-        src = self.plan.sources[ref.model]
-        info = src.tensors[ref.tensor]
+        """Copy the inputs' bytes, one after another, into the output's range (file to file)."""
         start, end = shard.offsets[t.name]
-        n = end - start
-        if n:
+        pos = start
+        views = []
+        for ref in t.inputs:
+            src = self.plan.sources[ref.model]
+            info = src.tensors[ref.tensor]
             reader = src.reader(info.file)
-            in_fd = reader._file.fileno()
-            done = 0
-            try:
-                while done < n:
-                    k = os.copy_file_range(in_fd, shard._fd, n - done, info.start + done, start + done)
+            views.append((reader, ref.tensor, info))
+            if pos + info.nbytes > end:
+                raise MergeError(f"{t.name}: the inputs hold more bytes than the output's {end - start}")
+            pos += info.nbytes
+        if pos != end:
+            raise MergeError(f"{t.name}: the inputs hold {pos - start} bytes, the output needs {end - start}")
+        try:
+            pos = start
+            for reader, _, info in views:
+                in_fd = reader._file.fileno()
+                done = 0
+                while done < info.nbytes:
+                    k = os.copy_file_range(
+                        in_fd, shard._fd, info.nbytes - done, info.start + done, pos + done
+                    )
                     if k == 0:
                         raise OSError("copy_file_range copied nothing")
                     done += k
-            except (OSError, AttributeError):
-                shard.write(t.name, reader.view(ref.tensor))
+                pos += info.nbytes
+        except (OSError, AttributeError):
+            if len(views) == 1:
+                shard.write(t.name, views[0][0].view(views[0][1]))
             else:
-                shard.written.add(t.name)
-            reader.release(ref.tensor)
+                shard.write(
+                    t.name, torch.cat([r.view(name).reshape(-1) for r, name, _ in views]).view(t.shape)
+                )
         else:
             shard.written.add(t.name)
+        for reader, name, _ in views:
+            reader.release(name)
         with self.lock:
-            self.bytes_read += n
-        return n
+            self.bytes_read += end - start
+        return end - start
 
     def _recycle(self, job: Job) -> None:
         for t in job.tensors:
@@ -475,8 +522,10 @@ class _Pipeline:
                 src = self.plan.sources[ref.model]
                 info = src.tensors[ref.tensor]
                 src.reader(info.file).release(ref.tensor)
-        for buf in job.staged + job.out_bufs:
-            self.pool.release(buf)
+        for buf in job.staged:
+            self.in_pool.release(buf)
+        for buf in job.out_bufs:
+            self.out_pool.release(buf)
         job.inputs.clear()
         job.outputs.clear()
         job.staged.clear()
@@ -513,7 +562,7 @@ class _Pipeline:
             write_q.put(None)
             lt.join()
             wt.join()
-            self.pool.close()
+            self._close_pools()
         if self.error is not None:
             raise self.error
 
@@ -560,8 +609,9 @@ def _finalize_files(plan, tmp: Path, shard_files: list[str], weight_map: dict, t
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     (tmp / "config.json").write_text(json.dumps(plan.out_config, indent=2, sort_keys=True) + "\n")
     if opt.write_model_card:
-        (tmp / "README.md").write_text(model_card(plan))
-        (tmp / "mergekit_config.yml").write_text(plan.config_yaml)
+        # A plan may bring its own card and config file name (the MoE builder: mergekit_moe_config.yml).
+        (tmp / "README.md").write_text(getattr(plan, "model_card", None) or model_card(plan))
+        (tmp / getattr(plan, "config_file_name", "mergekit_config.yml")).write_text(plan.config_yaml)
     if opt.copy_tokenizer and plan.tokenizer_source is not None:
         src = Path(plan.tokenizer_source)
         for name in TOKENIZER_FILES:
