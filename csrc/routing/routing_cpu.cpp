@@ -25,7 +25,8 @@ using routing::RouteConfig;
 
 // Rows of fewer than this many elements in total run on one thread.
 constexpr int64_t kParallelMinElems = 1 << 15;
-// Up to this k the top-k buffer is filled by insertion; beyond, by std::partial_sort.
+// Up to this k the top-k buffer is filled by insertion (after a block-maximum filter when there
+// are enough keys); beyond, by std::partial_sort.
 constexpr int64_t kInsertionMaxK = 32;
 
 struct LoadF32 {
@@ -65,40 +66,48 @@ inline void insert_sorted(uint64_t* out, int64_t k, uint64_t v) {
   out[j] = v;
 }
 
+// Top-k (k <= kInsertionMaxK) by block maxima: the k-th largest maximum of the blocks of B keys
+// is a lower bound of the k-th largest key (k keys reach it), so only the blocks whose maximum
+// reaches it can hold a winner, and only their keys are tested one by one. The block maxima are
+// vectorised. Returns the number of keys handled (whole blocks); the caller finishes the rest.
+template <int64_t B>
+int64_t select_by_blocks(const uint64_t* keys, int64_t n, int64_t k, uint64_t* out,
+                         std::vector<uint64_t>& tmp) {
+  const int64_t nb = n / B;
+  tmp.resize(static_cast<size_t>(nb));
+  for (int64_t b = 0; b < nb; ++b) {
+    uint64_t m = 0;
+    for (int64_t j = 0; j < B; ++j) m = std::max(m, keys[b * B + j]);
+    tmp[b] = m;
+  }
+  for (int64_t b = 0; b < nb; ++b)
+    if (tmp[b] > out[k - 1]) insert_sorted(out, k, tmp[b]);
+  const uint64_t bound = out[k - 1];
+  std::fill(out, out + k, routing::kTaken);
+  for (int64_t b = 0; b < nb; ++b) {
+    if (tmp[b] < bound) continue;
+    for (int64_t j = b * B; j < (b + 1) * B; ++j) {
+      const uint64_t v = keys[j];
+      if (v >= bound && v > out[k - 1]) insert_sorted(out, k, v);
+    }
+  }
+  return nb * B;
+}
+
 // The k largest of keys[0, n) (unique values), descending, into out[0, k). Keys equal to
 // routing::kTaken (0) are never chosen: callers guarantee at least k keys above it.
-//
-// k <= kInsertionMaxK: with enough full blocks of 16 keys, the k-th largest block maximum is a
-// lower bound of the k-th largest key (k keys reach it), so only blocks whose maximum reaches it
-// can hold a winner -- at most a few blocks are scanned key by key. The block maxima are
-// vectorised. Otherwise (few keys) every key is tested against the running k-th largest.
 void select_topk(const uint64_t* keys, int64_t n, int64_t k, uint64_t* out,
                  std::vector<uint64_t>& tmp) {
-  constexpr int64_t kBlock = 16;
   if (k <= kInsertionMaxK) {
     std::fill(out, out + k, routing::kTaken);
-    const int64_t nb = n / kBlock;
+    const int64_t min_blocks = std::max<int64_t>(2 * k, 4);  // else the filter rarely skips a block
     int64_t i = 0;
-    if (nb >= k && nb >= 4) {
-      tmp.resize(static_cast<size_t>(nb));
-      for (int64_t b = 0; b < nb; ++b) {
-        uint64_t m = 0;
-        for (int64_t j = 0; j < kBlock; ++j) m = std::max(m, keys[b * kBlock + j]);
-        tmp[b] = m;
-      }
-      for (int64_t b = 0; b < nb; ++b)
-        if (tmp[b] > out[k - 1]) insert_sorted(out, k, tmp[b]);
-      const uint64_t bound = out[k - 1];
-      std::fill(out, out + k, routing::kTaken);
-      for (int64_t b = 0; b < nb; ++b) {
-        if (tmp[b] < bound) continue;
-        for (int64_t j = b * kBlock; j < (b + 1) * kBlock; ++j) {
-          const uint64_t v = keys[j];
-          if (v >= bound && v > out[k - 1]) insert_sorted(out, k, v);
-        }
-      }
-      i = nb * kBlock;
+    if (n / 16 >= min_blocks) {
+      i = select_by_blocks<16>(keys, n, k, out, tmp);
+    } else if (n / 8 >= min_blocks) {
+      i = select_by_blocks<8>(keys, n, k, out, tmp);
     }
+    // The remaining keys (all of them for small n) against the running k-th largest.
     uint64_t thr = out[k - 1];
     for (; i < n; ++i) {
       const uint64_t v = keys[i];
