@@ -144,3 +144,42 @@ def plot_throughput(rows: list[dict], path: Path, *, x: str, y: str = "GBps", se
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+_RSS_WRAPPER = (
+    "import resource, subprocess, sys, time; t = time.perf_counter(); "
+    "rc = subprocess.run(sys.argv[1:]).returncode; dt = time.perf_counter() - t; "
+    "print(f'@@ {rc} {dt} {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}', file=sys.stderr)"
+)
+
+
+def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, int]:
+    """Run ``cmd`` in a fresh process; (wall seconds, peak RSS bytes of that process tree's largest)."""
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _RSS_WRAPPER, *cmd], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})  # fmt: skip
+    for line in proc.stderr.splitlines():
+        if line.startswith("@@ "):
+            rc, dt, rss = line.split()[1:]
+            if int(rc) != 0:
+                raise RuntimeError(f"{' '.join(cmd)} failed ({rc}):\n{proc.stderr[-3000:]}")
+            return float(dt), int(rss)
+    raise RuntimeError(f"{' '.join(cmd)}: no measurement:\n{proc.stderr[-3000:]}")
+
+
+def cached_model(name: str, **kw) -> Path:
+    """A random model built once with mergekit_fast.testing.make_model under bench/cache/."""
+    from mergekit_fast.testing import make_model
+
+    path = Path(__file__).resolve().parent / "cache" / name
+    if not (path / "config.json").exists():
+        print(f"building benchmark model {name} (once; cached in {path})")
+        tmp = path.with_name(path.name + ".partial")
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        make_model(tmp, **kw)
+        shutil.rmtree(path, ignore_errors=True)
+        tmp.rename(path)
+    return path

@@ -214,6 +214,15 @@ def _view(buf: torch.Tensor, dtype: torch.dtype, shape) -> torch.Tensor:
     return buf[:n].view(dtype).view(shape)
 
 
+def _all_finite(x: torch.Tensor) -> torch.Tensor:
+    """0-d bool: no NaN or Inf in ``x``. min/max propagate NaN and expose +-Inf, and one aminmax
+    pass is ~10x faster on the CPU than isfinite(x).all() for 16-bit tensors."""
+    if x.numel() == 0:
+        return torch.ones((), dtype=torch.bool, device=x.device)
+    lo, hi = torch.aminmax(x)
+    return torch.isfinite(lo) & torch.isfinite(hi)
+
+
 def _carve(
     pool: BufferPool, specs: list[tuple[torch.dtype, tuple]]
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -415,7 +424,10 @@ class _Pipeline:
                 r = r.to(t.out_dtype)
             if r.is_floating_point():
                 # A 0-d tensor: on CUDA it is read once at the end, so no sync here.
-                self.finite_flags.append((t.name, torch.isfinite(r).all()))
+                # SLERP: a NaN/Inf input makes the coefficients, hence every element, NaN, so
+                # one element tells; the other methods get a full pass.
+                probe = r.reshape(-1)[:1] if t.method == "slerp" else r
+                self.finite_flags.append((t.name, _all_finite(probe)))
             results.append(r)
         if self.cuda:
             buf, hosts = _carve(self.out_pool, [(r.dtype, tuple(r.shape)) for r in results])

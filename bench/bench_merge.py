@@ -1,0 +1,137 @@
+"""End to end: mergekit-yaml (0.1.5) against mergekit-fast on the same config and models.
+
+Each run is a fresh process (so peak RSS is that tool's own), runs alternate between the tools,
+and the report gives the median wall time, peak RSS and their ratios. Models are random
+Mistral-shaped checkpoints built once and cached under bench/cache/ (generated, never downloaded).
+
+    python bench/bench_merge.py                 # two ~0.85B bf16 models (hidden 2048, 16 layers)
+    python bench/bench_merge.py --quick         # two ~0.1B models
+    python bench/bench_merge.py --method dus    # depth up-scaling instead of the gradient SLERP
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+SIZES = {
+    # name: (hidden, layers, intermediate, vocab, heads, kv heads)
+    "0.85b": (2048, 16, 5632, 32000, 16, 8),
+    "0.1b": (768, 8, 2048, 16000, 12, 4),
+}
+
+SLERP = """\
+slices:
+  - sources:
+      - model: {a}
+        layer_range: [0, {n}]
+      - model: {b}
+        layer_range: [0, {n}]
+merge_method: slerp
+base_model: {a}
+parameters:
+  t:
+    - filter: self_attn
+      value: [0, 0.5, 0.3, 0.7, 1]
+    - filter: mlp
+      value: [1, 0.5, 0.7, 0.3, 0]
+    - value: 0.5
+dtype: bfloat16
+"""
+
+DUS = """\
+slices:
+  - sources:
+      - model: {a}
+        layer_range: [0, {k}]
+  - sources:
+      - model: {a}
+        layer_range: [{d}, {n}]
+merge_method: passthrough
+dtype: bfloat16
+"""
+
+
+def models(size: str) -> tuple[Path, Path, int]:
+    h, n, i, v, heads, kv = SIZES[size]
+    kw = dict(arch="mistral", num_layers=n, hidden_size=h, intermediate_size=i, vocab_size=v, num_heads=heads,
+              num_kv_heads=kv)  # fmt: skip
+    return (
+        common.cached_model(f"mistral-{size}-a", seed=1, **kw),
+        common.cached_model(f"mistral-{size}-b", seed=2, **kw),
+        n,
+    )
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small models, one run each")
+    p.add_argument("--size", choices=sorted(SIZES), default=None)
+    p.add_argument("--method", choices=["slerp", "dus"], default="slerp")
+    p.add_argument("--runs", type=int, default=None, help="runs per tool (default 3, quick 1)")
+    p.add_argument("--device", default="cpu", help="mergekit-fast's --device (mergekit runs on the CPU)")
+    p.add_argument("--skip-mergekit", action="store_true")
+    p.add_argument("--out", type=Path, default=common.RESULTS)
+    args = p.parse_args(argv)
+    size = args.size or ("0.1b" if args.quick else "0.85b")
+    runs = args.runs or (1 if args.quick else 3)
+    a, b, n = models(size)
+    bindir = Path(sys.executable).parent
+    work = Path(tempfile.mkdtemp(prefix="mkf-bench-"))
+    cfg = work / "config.yml"
+    text = (
+        SLERP.format(a=a, b=b, n=n)
+        if args.method == "slerp"
+        else DUS.format(a=a, k=n - n // 4, d=n // 4, n=n)
+    )
+    cfg.write_text(text)
+    tools = {"mergekit_fast": [str(bindir / "mergekit-fast"), "merge", str(cfg), str(work / "out_fast"), "--force",
+                                "--device", args.device, "--no-progress", "-q"]}  # fmt: skip
+    if not args.skip_mergekit:
+        tools["mergekit"] = [str(bindir / "mergekit-yaml"), str(cfg), str(work / "out_mk"), "--no-write-model-card",
+                             "--clone-tensors", "--quiet"]  # fmt: skip
+    env = {"HF_HUB_OFFLINE": "1"}
+    results: dict[str, list[tuple[float, int]]] = {t: [] for t in tools}
+    try:
+        for r in range(runs):
+            for tool, cmd in tools.items():
+                for out in ("out_fast", "out_mk"):
+                    shutil.rmtree(work / out, ignore_errors=True)
+                sec, rss = common.run_measured(cmd, env=env)
+                results[tool].append((sec, rss))
+                print(
+                    f"run {r + 1}/{runs} {tool:14s} {sec:8.2f} s  peak RSS {rss / 2**30:6.2f} GiB", flush=True
+                )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    size_bytes = sum(f.stat().st_size for f in a.glob("*.safetensors"))
+    rows = []
+    for tool, vals in results.items():
+        sec = statistics.median(v[0] for v in vals)
+        rss = max(v[1] for v in vals)
+        rows.append({"bench": f"merge_{args.method}", "tool": tool, "model": size, "model_bytes": size_bytes,
+                     "device": args.device, "runs": runs, "seconds": sec, "peak_rss": rss,
+                     "input_GBps": (2 if args.method == "slerp" else 1) * size_bytes / sec / 1e9})  # fmt: skip
+    if "mergekit" in results:
+        fast, mk = rows[0], rows[1]
+        fast["speedup_vs_mergekit"] = mk["seconds"] / fast["seconds"]
+        fast["rss_ratio_vs_mergekit"] = fast["peak_rss"] / mk["peak_rss"]
+        print(f"{args.method} {size}: mergekit_fast {fast['seconds']:.2f} s vs mergekit {mk['seconds']:.2f} s "
+              f"-> {fast['speedup_vs_mergekit']:.1f}x faster; peak RSS {fast['peak_rss'] / 2**30:.2f} vs "
+              f"{mk['peak_rss'] / 2**30:.2f} GiB ({fast['rss_ratio_vs_mergekit']:.2f}x)")  # fmt: skip
+    csv_path, _ = common.write_rows(rows, args.out, f"merge-{args.method}-{size}-{common.machine_tag()}")
+    print(f"wrote {csv_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    raise SystemExit(main())
