@@ -24,8 +24,10 @@ import common  # noqa: E402
 
 SIZES = {
     # name: (hidden, layers, intermediate, vocab, heads, kv heads)
+    "1b": (2048, 22, 5632, 32000, 32, 4),
     "0.85b": (2048, 16, 5632, 32000, 16, 8),
     "0.1b": (768, 8, 2048, 16000, 12, 4),
+    "tiny": (128, 4, 352, 512, 4, 2),
 }
 
 SLERP = """\
@@ -60,10 +62,23 @@ dtype: bfloat16
 """
 
 
-def models(size: str) -> tuple[Path, Path, int]:
+def models(size: str, synthetic: bool = False) -> tuple[Path, Path, int]:
     h, n, i, v, heads, kv = SIZES[size]
-    kw = dict(arch="mistral", num_layers=n, hidden_size=h, intermediate_size=i, vocab_size=v, num_heads=heads,
-              num_kv_heads=kv)  # fmt: skip
+    kw = dict(
+        num_layers=n, hidden_size=h, intermediate_size=i, vocab_size=v, num_heads=heads, num_kv_heads=kv
+    )
+    if synthetic:  # written directly with torch, no transformers needed
+        from mergekit_fast.testing import make_synthetic_model
+
+        root = common.RESULTS.parent / "cache"
+        paths = []
+        for tag, seed in (("a", 1), ("b", 2)):
+            path = root / f"synthetic-{size}-{tag}"
+            if not (path / "config.json").exists():
+                make_synthetic_model(path, seed=seed, **kw)
+            paths.append(path)
+        return paths[0], paths[1], n
+    kw["arch"] = "mistral"
     return (
         common.cached_model(f"mistral-{size}-a", seed=1, **kw),
         common.cached_model(f"mistral-{size}-b", seed=2, **kw),
@@ -79,11 +94,15 @@ def main(argv=None) -> int:
     p.add_argument("--runs", type=int, default=None, help="runs per tool (default 3, quick 1)")
     p.add_argument("--device", default="cpu", help="mergekit-fast's --device (mergekit runs on the CPU)")
     p.add_argument("--skip-mergekit", action="store_true")
+    p.add_argument(
+        "--synthetic", action="store_true", help="models written with torch alone (no transformers)"
+    )
+    p.add_argument("--verify", default="0", help="mergekit-fast --verify N|all")
     p.add_argument("--out", type=Path, default=common.RESULTS)
     args = p.parse_args(argv)
     size = args.size or ("0.1b" if args.quick else "0.85b")
     runs = args.runs or (1 if args.quick else 3)
-    a, b, n = models(size)
+    a, b, n = models(size, args.synthetic)
     bindir = Path(sys.executable).parent
     work = Path(tempfile.mkdtemp(prefix="mkf-bench-"))
     cfg = work / "config.yml"
@@ -94,7 +113,7 @@ def main(argv=None) -> int:
     )
     cfg.write_text(text)
     tools = {"mergekit_fast": [str(bindir / "mergekit-fast"), "merge", str(cfg), str(work / "out_fast"), "--force",
-                                "--device", args.device, "--no-progress", "-q"]}  # fmt: skip
+                                "--device", args.device, "--no-progress", "-q", "--verify", args.verify]}  # fmt: skip
     if not args.skip_mergekit:
         tools["mergekit"] = [str(bindir / "mergekit-yaml"), str(cfg), str(work / "out_mk"), "--no-write-model-card",
                              "--clone-tensors", "--quiet"]  # fmt: skip

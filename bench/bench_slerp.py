@@ -131,8 +131,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     rows = run(args.quick, args.device, args.out)
     stem = f"slerp-{common.machine_tag()}"
-    csv_path, _ = common.write_rows(rows, args.out, stem)
     ceiling = common.copy_bandwidth(args.device) / 1e9
+    for r in rows:
+        r["copy_GBps"] = ceiling
+        r["frac_of_copy"] = r["GBps"] / ceiling
+    csv_path, _ = common.write_rows(rows, args.out, stem)
     big = [r for r in rows if r["bench"] == "slerp" and r["dtype"] == "bfloat16"]
     common.plot_throughput(big, args.out / f"{stem}.png", x="numel", ceiling=ceiling,
                            title=f"SLERP bf16 on {args.device} ({common.machine_tag()})")  # fmt: skip

@@ -129,3 +129,61 @@ def write_tokenizer(path: str | Path, vocab_size: int, *, shift: int = 0) -> Pat
     )
     fast.save_pretrained(path)
     return Path(path)
+
+
+def make_synthetic_model(
+    path: str | Path,
+    *,
+    num_layers: int = 4,
+    hidden_size: int = 64,
+    intermediate_size: int = 176,
+    vocab_size: int = 256,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    dtype: torch.dtype = torch.bfloat16,
+    seed: int = 0,
+) -> Path:
+    """A random Mistral-shaped checkpoint written with torch and our own writer only (no transformers):
+    config.json plus model.safetensors with the tensor names and shapes transformers uses. For
+    benchmarks and the GPU check, where building a model through transformers is too slow or
+    transformers is not installed. Values are N(0, 0.02), tensor by tensor, so memory stays small.
+    """
+    from mergekit_fast.io.safetensors import ShardWriter
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    h, i, hd = hidden_size, intermediate_size, hidden_size // num_heads
+    kv = num_kv_heads * hd
+    shapes = {
+        "model.embed_tokens.weight": (vocab_size, h),
+        "model.norm.weight": (h,),
+        "lm_head.weight": (vocab_size, h),
+    }
+    for layer in range(num_layers):
+        p = f"model.layers.{layer}."
+        shapes.update({
+            p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (h, h), p + "self_attn.k_proj.weight": (kv, h),
+            p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, h),
+            p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h), p + "mlp.down_proj.weight": (h, i),
+        })  # fmt: skip
+    gen = torch.Generator().manual_seed(seed)
+    writer = ShardWriter(path / "model.safetensors", [(n, dtype, s) for n, s in sorted(shapes.items())],
+                         metadata={"format": "pt"})  # fmt: skip
+    for name, shape in sorted(shapes.items()):
+        if name.endswith("norm.weight"):
+            value = 1.0 + 0.1 * torch.randn(shape, generator=gen)
+        else:
+            value = 0.02 * torch.randn(shape, generator=gen)
+        writer.write(name, value.to(dtype))
+    writer.close()
+    config = {
+        "architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_size": h,
+        "intermediate_size": i, "num_hidden_layers": num_layers, "num_attention_heads": num_heads,
+        "num_key_value_heads": num_kv_heads, "head_dim": hd, "vocab_size": vocab_size, "hidden_act": "silu",
+        "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "sliding_window": None,
+        "tie_word_embeddings": False, "dtype": str(dtype).replace("torch.", ""), "bos_token_id": 1,
+        "eos_token_id": 2, "attention_dropout": 0.0, "initializer_range": 0.02, "use_cache": True,
+    }  # fmt: skip
+    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return path
