@@ -11,7 +11,8 @@ backend unless --with-ref (it sorts whole rows: an oracle, not a fast path).
 Bytes counted per call: the logits read once and the k fp32 weights + k int32 ids written. The
 kernel is latency-bound for small T (a launch), so the time column matters more than GB/s there.
 
-    python bench/bench_routing.py [--quick] [--device cpu|cuda] [--dtype bf16|fp16|fp32] [--out DIR]
+    python bench/bench_routing.py [--quick] [--device cpu|cuda] [--dtype bf16|fp16|fp32] [--threads N]
+                                  [--out DIR]
 
 Writes routing_<machine>.csv/.json and routing_<machine>.png to --out (default bench/results/).
 """
@@ -97,7 +98,12 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=common.RESULTS)
     ap.add_argument("--with-ref", action="store_true", help="also time the torch reference backend")
     ap.add_argument("--budget", type=float, default=0.3, help="seconds per measurement (CPU)")
+    ap.add_argument(
+        "--threads", type=int, default=0, help="CPU threads for torch and the C++ kernel (0: default)"
+    )
     args = ap.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)  # the C++ kernel uses torch.get_num_threads() too
 
     dtype = DTYPES[args.dtype]
     Ts = [1, 4096] if args.quick else [1, 128, 4096, 65536]
@@ -122,16 +128,17 @@ def main(argv=None) -> int:
                         lambda fn=fn, x=x, k=k: fn(x, k), device=args.device, budget_s=args.budget
                     )
                     rows.append({"provider": name, "T": T, "E": E, "k": k, "dtype": args.dtype,
-                                 "us": sec * 1e6, "GBps": nbytes / sec / 1e9, "bytes": nbytes})  # fmt: skip
+                                 "threads": torch.get_num_threads(), "us": sec * 1e6,
+                                 "GBps": nbytes / sec / 1e9, "bytes": nbytes})  # fmt: skip
 
     tag = common.machine_tag()
     info = common.machine_info()
+    title = f"top-k routing ({args.dtype} logits) on {info['gpu'] or info['cpu']}"
+    if args.device == "cpu":
+        tag += f"-t{torch.get_num_threads()}"
+        title += f", {torch.get_num_threads()} threads"
     csv_path, _ = common.write_rows(rows, args.out, f"routing_{tag}", info)
-    png = plot(
-        rows,
-        args.out / f"routing_{tag}.png",
-        f"top-k routing ({args.dtype} logits) on {info['gpu'] or info['cpu']}",
-    )
+    png = plot(rows, args.out / f"routing_{tag}.png", title)
 
     # Summary: each backend against torch eager, point by point.
     by = {(r["provider"], r["T"], r["E"], r["k"]): r["us"] for r in rows}
