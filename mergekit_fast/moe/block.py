@@ -16,7 +16,7 @@ tensor of the hidden dtype one expert at a time in ascending expert order. Routi
 transformers only where transformers' own selection values tie (see mergekit_fast.ops.routing).
 
 ``MoEBlock.forward`` runs through the ``mergekit_fast::moe_block`` torch custom op, so
-torch.compile captures it as one node.
+torch.compile captures it as one node. Inference only (no autograd formula is registered).
 """
 
 from __future__ import annotations

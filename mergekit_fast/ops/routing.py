@@ -45,6 +45,8 @@ entirely); its DeepSeek-V2 (softmax) and AXK2 (sigmoid + bias) routers mask with
 an expert of a dropped group win when the kept groups' selection values are negative (possible
 with a bias) -- this op never does (tests/test_routing.py checks the difference).
 
+Inference only: the weights carry no gradient (no autograd formula is registered).
+
 Limits: 1 <= k <= E <= 2**22; the cuda and triton kernels take E <= 16384 and, with a group
 stage, num_groups <= 1024 (``auto`` falls back to another backend beyond that).
 """
