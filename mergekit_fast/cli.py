@@ -227,7 +227,7 @@ def _dispatch(args) -> int:
     except KeyboardInterrupt:
         print("mergekit-fast: interrupted; no output was written", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, FileExistsError, MergeError, BackendUnavailable) as exc:
+    except (ValueError, OSError, MergeError, BackendUnavailable) as exc:
         if args.verbose:
             raise
         print(f"mergekit-fast: error: {exc}", file=sys.stderr)

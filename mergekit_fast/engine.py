@@ -193,6 +193,26 @@ class BufferPool:
                     return self._alloc(nbytes)
                 self.cond.wait()
 
+    def reserve(self, nbytes: int) -> None:
+        """Account for ``nbytes`` held outside the pool (an output torch allocated), waiting for room."""
+        with self.cond:
+            while True:
+                if self.closed:
+                    raise MergeError("merge aborted")
+                while self.free and self.held + nbytes > self.budget:
+                    self.held -= self.free.pop(0).numel()
+                if self.held + nbytes <= self.budget or self.in_use == 0:
+                    self.held += nbytes
+                    self.in_use += nbytes
+                    return
+                self.cond.wait()
+
+    def unreserve(self, nbytes: int) -> None:
+        with self.cond:
+            self.held -= nbytes
+            self.in_use -= nbytes
+            self.cond.notify_all()
+
     def release(self, buf: torch.Tensor) -> None:
         with self.cond:
             self.in_use -= buf.numel()
@@ -251,6 +271,7 @@ class Job:
     event: object = None
     outputs: list = field(default_factory=list)  # per tensor: host tensor to write
     out_bufs: list = field(default_factory=list)  # pool buffers holding outputs
+    reserved: int = 0  # bytes of outputs held outside the pool, accounted in it
 
 
 def _params(t) -> dict:
@@ -406,6 +427,7 @@ class _Pipeline:
                     host = next(it)
                     host.copy_(view)
                     ins[i] = host.to(self.device, non_blocking=True)
+        self._release_inputs(job)
         job.event = torch.cuda.Event()
         job.event.record(self.copy_stream)
 
@@ -437,6 +459,14 @@ class _Pipeline:
             results = hosts
             job.event = torch.cuda.Event()
             job.event.record(self.compute_stream)
+        else:
+            # The inputs are no longer needed: drop their pages now, not when the job is written.
+            self._release_inputs(job)
+            pooled = {b.data_ptr() for b in job.out_bufs}
+            extra = sum(r.nbytes for r in results if r.untyped_storage().data_ptr() not in pooled)
+            if extra:
+                self.out_pool.reserve(extra)
+                job.reserved = extra
         job.outputs.extend(results)
 
     def _merge(self, job: Job) -> list[torch.Tensor]:
@@ -528,12 +558,18 @@ class _Pipeline:
             self.bytes_read += end - start
         return end - start
 
-    def _recycle(self, job: Job) -> None:
+    def _release_inputs(self, job: Job) -> None:
         for t in job.tensors:
             for ref in t.inputs:
                 src = self.plan.sources[ref.model]
                 info = src.tensors[ref.tensor]
                 src.reader(info.file).release(ref.tensor)
+
+    def _recycle(self, job: Job) -> None:
+        self._release_inputs(job)
+        if job.reserved:
+            self.out_pool.unreserve(job.reserved)
+            job.reserved = 0
         for buf in job.staged:
             self.in_pool.release(buf)
         for buf in job.out_bufs:

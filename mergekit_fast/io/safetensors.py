@@ -253,8 +253,13 @@ class ShardWriter:
             data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
             mv = memoryview(data)
             pos = 0
-            while pos < len(mv):  # pwrite may write less than asked
-                pos += os.pwrite(self._fd, mv[pos:], start + pos)
+            try:
+                while pos < len(mv):  # pwrite may write less than asked
+                    pos += os.pwrite(self._fd, mv[pos:], start + pos)
+            except OSError as exc:
+                raise OSError(
+                    exc.errno, f"{self.path}: writing tensor {name!r} failed: {exc.strerror}"
+                ) from None
         self.written.add(name)
         return end - start
 
