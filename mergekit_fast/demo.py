@@ -102,7 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     if rc:
         return rc
     print(f"\n$ mergekit-fast dus {a} {out / 'dus'} --drop 2 --force")
-    rc = cli.main(["dus", str(a), str(out / "dus"), "--drop", "2", "--force", "--no-progress", "--verify", "all"])
+    rc = cli.main(
+        ["dus", str(a), str(out / "dus"), "--drop", "2", "--force", "--no-progress", "--verify", "all"]
+    )
     if rc:
         return rc
 
