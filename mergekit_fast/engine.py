@@ -412,6 +412,9 @@ class _Pipeline:
                     )
                 with self.lock:
                     self.bytes_read += info.nbytes
+                if not self.cuda:
+                    # Fault the pages in here, on the loader thread, while compute works on the previous job.
+                    self.plan.sources[ref.model].reader(info.file).prefault(ref.tensor)
                 ins.append(view)
                 views.append(view)
             job.inputs.append(ins)
@@ -584,7 +587,8 @@ class _Pipeline:
         return [name for name, ok in self.finite_flags if not bool(ok)]
 
     def run(self, jobs: list[Job]) -> None:
-        load_q: queue.Queue = queue.Queue(maxsize=4)
+        # On the CPU the loader prefaults inputs: one job ahead is enough overlap and keeps RSS bounded.
+        load_q: queue.Queue = queue.Queue(maxsize=4 if self.cuda else 1)
         write_q: queue.Queue = queue.Queue(maxsize=8)
         lt = threading.Thread(target=self.loader, args=(jobs, load_q), name="mkf-loader", daemon=True)
         wt = threading.Thread(target=self.writer, args=(write_q,), name="mkf-writer", daemon=True)

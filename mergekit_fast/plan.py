@@ -591,6 +591,9 @@ def _out_config(
     writes `dtype`, converts legacy rope keys, stamps its own version). With transformers available this
     does the same; without it, it edits the dict: `torch_dtype` becomes `dtype`, nothing else changes.
     """
+    if use_transformers is None and _saved_by_installed_transformers(donor.config):
+        # transformers would load and save this file unchanged: skip its ~2 s import.
+        use_transformers = False
     if use_transformers is not False:
         try:
             import transformers
@@ -627,6 +630,15 @@ def _out_config(
     if num_layers is not None:
         out[_layer_key(out)] = num_layers
     return out
+
+
+def _saved_by_installed_transformers(config: dict) -> bool:
+    from importlib import metadata
+
+    try:
+        return config.get("transformers_version") == metadata.version("transformers")
+    except metadata.PackageNotFoundError:
+        return False
 
 
 def _layer_key(cfg: dict) -> str:

@@ -77,8 +77,7 @@ def assert_same_model(ours: Path, theirs: Path, *, slerp_inputs: tuple[Path, Pat
         assert (diff > 0).double().mean() <= 1e-3, name
     ca = json.loads((ours / "config.json").read_text())
     cb = json.loads((theirs / "config.json").read_text())
-    assert ca["num_hidden_layers"] == cb["num_hidden_layers"]
-    assert ca.get("torch_dtype", ca.get("dtype")) == cb.get("torch_dtype", cb.get("dtype"))
+    assert ca == cb  # the whole config.json: layer count, dtype, everything else
 
 
 def logits(path: Path, ids: torch.Tensor) -> torch.Tensor:

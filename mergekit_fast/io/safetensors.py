@@ -42,7 +42,10 @@ for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), (
         DTYPES[_name] = getattr(torch, _attr)
 NAMES = {v: k for k, v in DTYPES.items()}
 
-MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+_MADV_POPULATE_READ = getattr(
+    mmap, "MADV_POPULATE_READ", 22
+)  # Linux value; Python 3.11 lacks the name  # the safetensors library's own limit
 MAX_DIMS = 32
 
 
@@ -174,16 +177,32 @@ class ShardReader:
         """A private, writable copy of the tensor."""
         return self.view(name).clone()
 
+    def prefault(self, name: str) -> None:
+        """Map the tensor's pages now (MADV_POPULATE_READ, Linux 5.14+), so that the thread that
+        computes on it does not take the page faults; a no-op where unsupported."""
+        info = self.tensors[name]
+        if self._mm is None or info.nbytes == 0:
+            return
+        start, length = self._page_range(info)
+        try:
+            self._mm.madvise(_MADV_POPULATE_READ, start, length)
+        except (AttributeError, OSError, ValueError):
+            pass
+
+    def _page_range(self, info: TensorInfo) -> tuple[int, int]:
+        page = mmap.PAGESIZE
+        start = info.start // page * page
+        end = min(len(self._mm), -(-info.end // page) * page)
+        return start, end - start
+
     def release(self, name: str) -> None:
         """Drop the tensor's pages from this process (they stay in the page cache)."""
         info = self.tensors[name]
         if self._mm is None or info.nbytes == 0:
             return
-        page = mmap.PAGESIZE
-        start = info.start // page * page
-        end = min(len(self._mm), -(-info.end // page) * page)
+        start, length = self._page_range(info)
         try:
-            self._mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+            self._mm.madvise(mmap.MADV_DONTNEED, start, length)
         except (AttributeError, OSError, ValueError):
             pass
 
