@@ -62,6 +62,10 @@ def reference(t, sources) -> tuple[torch.Tensor, torch.Tensor | None]:
         scale = methods.linear([x.abs() for x in ins], w, p.get("normalize", True)).float()
     elif t.method == "passthrough":
         out = methods.passthrough(ins[0], p.get("scale"))
+    elif t.method == "concat":
+        out = torch.cat([x.reshape(-1) for x in ins]).view(tuple(t.shape))
+    elif getattr(methods.REGISTRY.get(t.method), "reference", None) is not None:
+        out = methods.REGISTRY[t.method].reference(ins, **p)  # a method registered with its reference
     else:
         raise ValueError(f"tensor {t.name}: unknown method {t.method}")
     return out.to(t.out_dtype), scale
@@ -74,7 +78,7 @@ def verify_output(plan, out_dir: str | Path, n: int) -> float:
     for t in sample(plan.tensors, n):
         ref, scale = reference(t, plan.sources)
         got = _written(out_dir, t.name)
-        tol = MAX_ULPS.get(t.out_dtype, 2.0) if t.method != "passthrough" else 0.0
+        tol = MAX_ULPS.get(t.out_dtype, 2.0) if t.method not in ("passthrough", "concat") else 0.0
         _, ulps = _verify.check(f"--verify {t.name} ({t.method})", got, ref, max_ulps=tol, scale=scale)
         worst = max(worst, ulps)
     return worst

@@ -50,6 +50,13 @@ def _passthrough_method(inputs, scale=None):
     return passthrough(inputs[0], scale)
 
 
+@register("concat")
+def _concat_method(inputs, shape):
+    """The inputs' elements one after another, reshaped to ``shape`` (the engine copies it file to file
+    when no dtype changes)."""
+    return torch.cat([x.reshape(-1) for x in inputs]).view(tuple(shape))
+
+
 def linear(tensors: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool = True) -> torch.Tensor:
     """Weighted sum with fp32 accumulation (fp64 for fp64 inputs), divided by sum(weights) if normalize."""
     first = tensors[0]
