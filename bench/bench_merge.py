@@ -22,6 +22,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
+from mergekit_fast.testing import slerp_gradient_config  # noqa: E402
+
 SIZES = {
     # name: (hidden, layers, intermediate, vocab, heads, kv heads)
     "1b": (2048, 22, 5632, 32000, 32, 4),
@@ -29,25 +31,6 @@ SIZES = {
     "0.1b": (768, 8, 2048, 16000, 12, 4),
     "tiny": (128, 4, 352, 512, 4, 2),
 }
-
-SLERP = """\
-slices:
-  - sources:
-      - model: {a}
-        layer_range: [0, {n}]
-      - model: {b}
-        layer_range: [0, {n}]
-merge_method: slerp
-base_model: {a}
-parameters:
-  t:
-    - filter: self_attn
-      value: [0, 0.5, 0.3, 0.7, 1]
-    - filter: mlp
-      value: [1, 0.5, 0.7, 0.3, 0]
-    - value: 0.5
-dtype: bfloat16
-"""
 
 DUS = """\
 slices:
@@ -107,7 +90,7 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="mkf-bench-"))
     cfg = work / "config.yml"
     text = (
-        SLERP.format(a=a, b=b, n=n)
+        slerp_gradient_config(a, b, n)
         if args.method == "slerp"
         else DUS.format(a=a, k=n - n // 4, d=n // 4, n=n)
     )

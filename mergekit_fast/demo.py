@@ -16,25 +16,6 @@ from pathlib import Path
 
 import torch
 
-SLERP_CONFIG = """\
-slices:
-  - sources:
-      - model: {a}
-        layer_range: [0, {n}]
-      - model: {b}
-        layer_range: [0, {n}]
-merge_method: slerp
-base_model: {a}
-parameters:
-  t:
-    - filter: self_attn
-      value: [0, 0.5, 0.3, 0.7, 1]
-    - filter: mlp
-      value: [1, 0.5, 0.7, 0.3, 0]
-    - value: 0.5
-dtype: bfloat16
-"""
-
 
 def _models(root: Path, layers: int, hidden: int) -> tuple[Path, Path]:
     from mergekit_fast.testing import make_model
@@ -88,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from mergekit_fast import cli
     from mergekit_fast.info import main as info
+    from mergekit_fast.testing import slerp_gradient_config
 
     info([])
     print()
@@ -96,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.workdir / "out"
     out.mkdir(parents=True, exist_ok=True)
     cfg = out / "slerp.yml"
-    cfg.write_text(SLERP_CONFIG.format(a=a.absolute(), b=b.absolute(), n=args.layers))
+    cfg.write_text(slerp_gradient_config(a.absolute(), b.absolute(), args.layers))
     print(f"\n$ mergekit-fast merge {cfg} {out / 'slerp'} --force --verify 16")
     rc = cli.main(["merge", str(cfg), str(out / "slerp"), "--force", "--verify", "16", "--no-progress"])
     if rc:

@@ -187,3 +187,25 @@ def make_synthetic_model(
     }  # fmt: skip
     (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return path
+
+
+def slerp_gradient_config(a: str | Path, b: str | Path, num_layers: int, dtype: str = "bfloat16") -> str:
+    """The classic gradient SLERP config of mergekit's docs (self_attn and mlp filters), as YAML."""
+    return f"""\
+slices:
+  - sources:
+      - model: {a}
+        layer_range: [0, {num_layers}]
+      - model: {b}
+        layer_range: [0, {num_layers}]
+merge_method: slerp
+base_model: {a}
+parameters:
+  t:
+    - filter: self_attn
+      value: [0, 0.5, 0.3, 0.7, 1]
+    - filter: mlp
+      value: [1, 0.5, 0.7, 0.3, 0]
+    - value: 0.5
+dtype: {dtype}
+"""

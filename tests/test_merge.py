@@ -17,6 +17,7 @@ from fixtures_models import make_model
 from safetensors import safe_open
 
 from mergekit_fast import cli
+from mergekit_fast.testing import slerp_gradient_config
 
 pytestmark = pytest.mark.mergekit
 
@@ -103,24 +104,7 @@ def models(tmp_path_factory):
     }
 
 
-SLERP_GRADIENT = """
-slices:
-  - sources:
-      - model: {a}
-        layer_range: [0, 6]
-      - model: {b}
-        layer_range: [0, 6]
-merge_method: slerp
-base_model: {a}
-parameters:
-  t:
-    - filter: self_attn
-      value: [0, 0.5, 0.3, 0.7, 1]
-    - filter: mlp
-      value: [1, 0.5, 0.7, 0.3, 0]
-    - value: 0.5
-dtype: bfloat16
-"""
+SLERP_GRADIENT = slerp_gradient_config("{a}", "{b}", 6)
 
 
 def test_slerp_gradient_matches_mergekit(models, tmp_path):
