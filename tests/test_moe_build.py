@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from fixtures_models import make_model
+from helpers import HAS_GPU
 from safetensors import safe_open
 
 from mergekit_fast import cli
@@ -85,7 +86,9 @@ def moe_yaml(base, experts: list[str], shared: list[str] | None = None, **top) -
 SHARD = 30_000
 
 
-def run_mergekit_moe(config: str, out: Path, *, seed: int | None = None, allow_same: bool = False) -> Path:
+def run_mergekit_moe(
+    config: str, out: Path, *, seed: int | None = None, allow_same: bool = False, device: str = "cpu"
+) -> Path:
     """mergekit-moe's main() minus click: MergeOptions, the seed as apply_global_options sets it, build()."""
     import transformers
     import yaml
@@ -93,7 +96,7 @@ def run_mergekit_moe(config: str, out: Path, *, seed: int | None = None, allow_s
     from mergekit.options import MergeOptions as MkOptions
     from mergekit.scripts.moe import build
 
-    opts = MkOptions(quiet=True, device="cpu", random_seed=seed, out_shard_size=SHARD)
+    opts = MkOptions(quiet=True, device=device, random_seed=seed, out_shard_size=SHARD)
     if seed is not None:
         transformers.trainer_utils.set_seed(seed)
     build(MoEMergeConfig.model_validate(yaml.safe_load(config)), out_path=str(out), merge_options=opts,
@@ -101,8 +104,8 @@ def run_mergekit_moe(config: str, out: Path, *, seed: int | None = None, allow_s
     return out
 
 
-def run_ours(config: str, out: Path, **kw) -> Path:
-    opts = MergeOptions(device="cpu", write_model_card=False, progress=False, out_shard_size=SHARD)
+def run_ours(config: str, out: Path, *, device: str = "cpu", **kw) -> Path:
+    opts = MergeOptions(device=device, write_model_card=False, progress=False, out_shard_size=SHARD)
     run_moe(config, out, opts, **kw)
     return out
 
@@ -214,6 +217,30 @@ def test_parity_with_mergekit_moe(models, tmp_path, case):
         "qwen3moe": "Qwen3MoeForCausalLM",
     }
     assert arch == want[case.split("-")[0]]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+@pytest.mark.mergekit
+def test_parity_on_cuda(models, tmp_path):
+    """Hidden-state gates from a bf16 forward on the GPU equal `mergekit-moe --cuda`'s; the engine runs the
+    noise-free experts file to file and the gate constants through the CUDA path."""
+    config = _parity_configs(models)["mixtral-hidden"]
+    theirs = run_mergekit_moe(config, tmp_path / "theirs", device="cuda")
+    ours = run_ours(config, tmp_path / "ours", device="cuda")
+    assert_same_output(ours, theirs)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+def test_noise_same_on_cuda_and_cpu(models, tmp_path):
+    m = models
+    config = moe_yaml(m["mistral0"], [expert(m["mistral1"], ["w5"], noise_scale=0.01, residual_scale=0.5),
+                                      expert(m["mistral2"], ["w6"])], gate_mode="cheap_embed")  # fmt: skip
+    a = read_model(run_ours(config, tmp_path / "cpu", random_seed=2))
+    b = read_model(run_ours(config, tmp_path / "cuda", random_seed=2, device="cuda"))
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
 
 
 @pytest.mark.mergekit
@@ -513,6 +540,15 @@ def test_allow_same_and_existing_out(models, tmp_path):
     assert torch.equal(t[0], t[1])
     with pytest.raises(MergeError, match="exists; pass --force"):
         run_ours(config, out, allow_same=True)
+
+
+@pytest.mark.mergekit
+def test_random_mode_allows_identical_experts_like_mergekit(models, tmp_path):
+    m = models
+    config = moe_yaml(m["mistral0"], [expert(m["mistral1"]), expert(m["mistral1"])], gate_mode="random")
+    theirs = run_mergekit_moe(config, tmp_path / "theirs", seed=9)
+    ours = run_ours(config, tmp_path / "ours", random_seed=9)
+    assert_same_output(ours, theirs)
 
 
 @pytest.mark.mergekit

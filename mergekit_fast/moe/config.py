@@ -19,7 +19,8 @@ different model):
   (mergekit crashes with a TypeError on anything else);
 - ``uniform_random`` does not need prompts, like ``random`` (mergekit 0.1.5 refuses a uniform_random
   config without prompts -- "Expert 0 has no positive prompts" -- although it never reads them; every
-  config mergekit accepts gives the same model here, we merely accept more);
+  config mergekit accepts gives the same model here, we merely accept more). As in mergekit, ``random``
+  skips the identical-experts check too, ``uniform_random`` does not;
 - model references are local paths only (no hub downloads, no ``path@revision``, no ``model+lora``).
 """
 
@@ -216,7 +217,9 @@ def check_moe_config(config: MoEConfig, *, allow_same: bool = False) -> None:
             raise ConfigError(
                 "shared_experts: give positive_prompts to all shared experts or to none, not a mix"
             )
-    if config.gate_mode not in RANDOM_MODES:
+    if config.gate_mode == "random":
+        return  # mergekit stops checking here: no prompt rules, and identical experts are allowed
+    if config.gate_mode != "uniform_random":
         for e in config.experts:
             if not e.positive_prompts:
                 raise ConfigError(

@@ -7,7 +7,8 @@ Result: ``[num_layers, num_gated_experts, hidden_size]``. Modes:
   no bos) -- with ``output_hidden_states``; ``hidden_states[:-1]`` (the residual stream entering each layer),
   last token, mean over the prompts; the negative prompts' mean is subtracted; each layer's vector is
   L2-normalised (norm clamped at 1e-8). Every operation is mergekit's, in bf16 on the same device, so the
-  gates are bit-identical. One forward per prompt set, like mergekit: batching several sets together would
+  gates are bit-identical: ``--device cpu`` to mergekit-moe's default, ``--device cuda`` to
+  ``mergekit-moe --cuda`` (the default ``auto`` uses the GPU when there is one). One forward per prompt set, like mergekit: batching several sets together would
   change the left padding and hence the position ids, and so the numbers.
 - ``hidden_avg``: the same with the mean over all positions (pads included), as mergekit.
 - ``cheap_embed``: the base model's ``model.embed_tokens.weight`` rows for the tokens, in fp32, summed over
@@ -146,7 +147,7 @@ def compute_gates(
 
         model = None
     elif mode in HIDDEN_MODES:
-        model = _load_model(str(base.path), device)
+        model = _load_model(str(base.path), device, progress)
         average = mode == "hidden_avg"
 
         def run(tokenized):
@@ -182,9 +183,15 @@ def compute_gates(
     return gates
 
 
-def _load_model(path: str, device: torch.device | str):
+def _load_model(path: str, device: torch.device | str, progress: bool | None):
+    """The base model as mergekit loads it (bf16, on ``device``); transformers' loading bar only when ours
+    is shown."""
     import transformers
+    from transformers.utils import logging as hf_logging
 
+    bar_was_on = hf_logging.is_progress_bar_enabled()
+    if not (progress if progress is not None else sys.stderr.isatty()):
+        hf_logging.disable_progress_bar()
     try:
         return transformers.AutoModelForCausalLM.from_pretrained(
             path, dtype=torch.bfloat16, device_map=str(device)
@@ -193,6 +200,9 @@ def _load_model(path: str, device: torch.device | str):
         raise ConfigError(
             f"base_model: transformers cannot load {path} for the hidden-state gates ({exc})"
         ) from None
+    finally:
+        if bar_was_on:
+            hf_logging.enable_progress_bar()
 
 
 def warn_degenerate_gates(gates: torch.Tensor, threshold: float = 5.0) -> list[int]:
