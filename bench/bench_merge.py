@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -115,20 +114,9 @@ def main(argv=None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     size_bytes = sum(f.stat().st_size for f in a.glob("*.safetensors"))
-    rows = []
-    for tool, vals in results.items():
-        sec = statistics.median(v[0] for v in vals)
-        rss = max(v[1] for v in vals)
-        rows.append({"bench": f"merge_{args.method}", "tool": tool, "model": size, "model_bytes": size_bytes,
-                     "device": args.device, "runs": runs, "seconds": sec, "peak_rss": rss,
-                     "input_GBps": (2 if args.method == "slerp" else 1) * size_bytes / sec / 1e9})  # fmt: skip
-    if "mergekit" in results:
-        fast, mk = rows[0], rows[1]
-        fast["speedup_vs_mergekit"] = mk["seconds"] / fast["seconds"]
-        fast["rss_ratio_vs_mergekit"] = fast["peak_rss"] / mk["peak_rss"]
-        print(f"{args.method} {size}: mergekit_fast {fast['seconds']:.2f} s vs mergekit {mk['seconds']:.2f} s "
-              f"-> {fast['speedup_vs_mergekit']:.1f}x faster; peak RSS {fast['peak_rss'] / 2**30:.2f} vs "
-              f"{mk['peak_rss'] / 2**30:.2f} GiB ({fast['rss_ratio_vs_mergekit']:.2f}x)")  # fmt: skip
+    base = {"bench": f"merge_{args.method}", "model": size, "model_bytes": size_bytes, "device": args.device}
+    rate = ("input_GBps", (2 if args.method == "slerp" else 1) * size_bytes)
+    rows = common.summarize_tools(results, base, f"{args.method} {size}", "mergekit", rate)
     csv_path, _ = common.write_rows(rows, args.out, f"merge-{args.method}-{size}-{common.machine_tag()}")
     print(f"wrote {csv_path}")
     return 0

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -103,20 +102,11 @@ def main(argv=None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     in_bytes = sum(f.stat().st_size for e in experts for f in e.glob("*.safetensors"))
-    rows = []
-    for tool, vals in results.items():
-        sec = statistics.median(v[0] for v in vals)
-        rss = max(v[1] for v in vals)
-        rows.append({"bench": "moe_cheap_embed", "tool": tool, "model": size, "experts": NUM_EXPERTS,
-                     "input_bytes": in_bytes, "output_bytes": out_bytes, "device": args.device, "runs": runs,
-                     "seconds": sec, "peak_rss": rss, "output_GBps": out_bytes / sec / 1e9})  # fmt: skip
-    if "mergekit" in results:
-        fast, mk = rows[0], rows[1]
-        fast["speedup_vs_mergekit"] = mk["seconds"] / fast["seconds"]
-        fast["rss_ratio_vs_mergekit"] = fast["peak_rss"] / mk["peak_rss"]
-        print(f"moe {NUM_EXPERTS}x{size}: mergekit_fast {fast['seconds']:.2f} s vs mergekit-moe {mk['seconds']:.2f} s "
-              f"-> {fast['speedup_vs_mergekit']:.1f}x faster; peak RSS {fast['peak_rss'] / 2**30:.2f} vs "
-              f"{mk['peak_rss'] / 2**30:.2f} GiB ({fast['rss_ratio_vs_mergekit']:.2f}x)")  # fmt: skip
+    base = {"bench": "moe_cheap_embed", "model": size, "experts": NUM_EXPERTS, "input_bytes": in_bytes,
+            "output_bytes": out_bytes, "device": args.device}  # fmt: skip
+    rows = common.summarize_tools(
+        results, base, f"moe {NUM_EXPERTS}x{size}", "mergekit", ("output_GBps", out_bytes)
+    )
     csv_path, _ = common.write_rows(rows, args.out, f"moe-{size}-{common.machine_tag()}")
     print(f"wrote {csv_path}")
     return 0

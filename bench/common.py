@@ -183,3 +183,28 @@ def cached_model(name: str, **kw) -> Path:
         shutil.rmtree(path, ignore_errors=True)
         tmp.rename(path)
     return path
+
+
+def summarize_tools(results: dict[str, list[tuple[float, int]]], base: dict, label: str, baseline: str,
+                    rate: tuple[str, int] | None = None) -> list[dict]:  # fmt: skip
+    """Rows (median seconds, max peak RSS) per tool; the first tool gets its ratios to ``baseline``.
+
+    ``rate`` = (column name, bytes) adds a GB/s column.
+    """
+    import statistics
+
+    rows = []
+    for tool, vals in results.items():
+        sec = statistics.median(v[0] for v in vals)
+        row = {**base, "tool": tool, "runs": len(vals), "seconds": sec, "peak_rss": max(v[1] for v in vals)}
+        if rate:
+            row[rate[0]] = rate[1] / sec / 1e9
+        rows.append(row)
+    if baseline in results and len(rows) > 1:
+        fast, ref = rows[0], rows[[r["tool"] for r in rows].index(baseline)]
+        fast["speedup_vs_mergekit"] = ref["seconds"] / fast["seconds"]
+        fast["rss_ratio_vs_mergekit"] = fast["peak_rss"] / ref["peak_rss"]
+        print(f"{label}: {fast['tool']} {fast['seconds']:.2f} s vs {baseline} {ref['seconds']:.2f} s "
+              f"-> {fast['speedup_vs_mergekit']:.1f}x faster; peak RSS {fast['peak_rss'] / 2**30:.2f} vs "
+              f"{ref['peak_rss'] / 2**30:.2f} GiB ({fast['rss_ratio_vs_mergekit']:.2f}x)")  # fmt: skip
+    return rows

@@ -524,18 +524,23 @@ def normalize_model_path(ref: str, base_dir: str | os.PathLike) -> str:
 # Loading
 
 
-def load_config(path: str | os.PathLike, *, base_dir: str | os.PathLike | None = None) -> MergeConfig:
-    """Read and validate a YAML merge config. Relative model paths resolve against base_dir (default: the
-    current directory, as mergekit does)."""
+def read_config_file(path: str | os.PathLike, parse: Callable, **kw):
+    """Read a YAML config file and ``parse`` its text; errors are prefixed with the file's path."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{p}: cannot read the config ({exc.strerror or exc})") from None
     try:
-        return parse_config(text, base_dir=base_dir)
+        return parse(text, **kw)
     except ConfigError as exc:
         raise type(exc)(f"{p}: {exc}") from None
+
+
+def load_config(path: str | os.PathLike, *, base_dir: str | os.PathLike | None = None) -> MergeConfig:
+    """Read and validate a YAML merge config. Relative model paths resolve against base_dir (default: the
+    current directory, as mergekit does)."""
+    return read_config_file(path, parse_config, base_dir=base_dir)
 
 
 def parse_config(source: str | Mapping, *, base_dir: str | os.PathLike | None = None) -> MergeConfig:

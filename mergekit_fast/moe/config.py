@@ -29,13 +29,19 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-from mergekit_fast.config import DTYPE_NAMES, ConfigError, NotSupportedError, _describe, normalize_model_path
+from mergekit_fast.config import (
+    DTYPE_NAMES,
+    ConfigError,
+    NotSupportedError,
+    _describe,
+    normalize_model_path,
+    read_config_file,
+)
 
 LOG = logging.getLogger(__name__)
 
@@ -188,15 +194,7 @@ def parse_moe_config(source: str, *, base_dir: str | os.PathLike | None = None) 
 
 
 def load_moe_config(path: str | os.PathLike, *, base_dir: str | os.PathLike | None = None) -> MoEConfig:
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{p}: cannot read the config ({exc.strerror or exc})") from None
-    try:
-        return parse_moe_config(text, base_dir=base_dir)
-    except ConfigError as exc:
-        raise type(exc)(f"{p}: {exc}") from None
+    return read_config_file(path, parse_moe_config, base_dir=base_dir)
 
 
 def check_moe_config(config: MoEConfig, *, allow_same: bool = False) -> None:
