@@ -88,10 +88,26 @@ struct Fmt<double> {
   }
 };
 
-template <>
-struct Fmt<__nv_bfloat16> {
+// 16-bit formats: 8 elements per 16-byte vector, two per 32-bit word; Derived supplies the word
+// conversions (unpack2/pack2) and the scalar load/store.
+template <typename Derived>
+struct Packed16 {
   using C = float;
   static constexpr int kVec = 8;
+  static __device__ __forceinline__ void unpack(const uint4& r, C (&x)[kVec]) {
+    Derived::unpack2(r.x, x[0], x[1]);
+    Derived::unpack2(r.y, x[2], x[3]);
+    Derived::unpack2(r.z, x[4], x[5]);
+    Derived::unpack2(r.w, x[6], x[7]);
+  }
+  static __device__ __forceinline__ uint4 pack(const C (&x)[kVec]) {
+    return make_uint4(Derived::pack2(x[0], x[1]), Derived::pack2(x[2], x[3]), Derived::pack2(x[4], x[5]),
+                      Derived::pack2(x[6], x[7]));
+  }
+};
+
+template <>
+struct Fmt<__nv_bfloat16> : Packed16<Fmt<__nv_bfloat16>> {
   static __device__ __forceinline__ C load(const __nv_bfloat16* p, int64_t i) {
     return __bfloat162float(p[i]);
   }
@@ -107,21 +123,10 @@ struct Fmt<__nv_bfloat16> {
     return static_cast<unsigned>(__bfloat16_as_ushort(h.x)) |
            (static_cast<unsigned>(__bfloat16_as_ushort(h.y)) << 16);
   }
-  static __device__ __forceinline__ void unpack(const uint4& r, C (&x)[kVec]) {
-    unpack2(r.x, x[0], x[1]);
-    unpack2(r.y, x[2], x[3]);
-    unpack2(r.z, x[4], x[5]);
-    unpack2(r.w, x[6], x[7]);
-  }
-  static __device__ __forceinline__ uint4 pack(const C (&x)[kVec]) {
-    return make_uint4(pack2(x[0], x[1]), pack2(x[2], x[3]), pack2(x[4], x[5]), pack2(x[6], x[7]));
-  }
 };
 
 template <>
-struct Fmt<__half> {
-  using C = float;
-  static constexpr int kVec = 8;
+struct Fmt<__half> : Packed16<Fmt<__half>> {
   static __device__ __forceinline__ C load(const __half* p, int64_t i) {
     return __half2float(p[i]);
   }
@@ -136,15 +141,6 @@ struct Fmt<__half> {
     __half2 h = __floats2half2_rn(lo, hi);
     return static_cast<unsigned>(__half_as_ushort(h.x)) |
            (static_cast<unsigned>(__half_as_ushort(h.y)) << 16);
-  }
-  static __device__ __forceinline__ void unpack(const uint4& r, C (&x)[kVec]) {
-    unpack2(r.x, x[0], x[1]);
-    unpack2(r.y, x[2], x[3]);
-    unpack2(r.z, x[4], x[5]);
-    unpack2(r.w, x[6], x[7]);
-  }
-  static __device__ __forceinline__ uint4 pack(const C (&x)[kVec]) {
-    return make_uint4(pack2(x[0], x[1]), pack2(x[2], x[3]), pack2(x[4], x[5]), pack2(x[6], x[7]));
   }
 };
 
