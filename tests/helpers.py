@@ -20,3 +20,9 @@ def runnable_backends(device: str, implemented=backends.BACKENDS) -> list:
             marks.append(pytest.mark.gpu)
         params.append(pytest.param(b, marks=marks, id=f"{b}-{device}"))
     return params
+
+
+# /work/shared/reference/mergekit.md section 2.4: t of the self_attn tensors per layer for the classic
+# gradient SLERP config over 32 layers, as mergekit 0.1.5's planner resolves it, rounded to 3 decimals.
+DOC_SELF_ATTN = [0, .065, .129, .194, .258, .323, .387, .452, .494, .468, .442, .416, .39, .365, .339, .313,
+                 .326, .377, .429, .481, .532, .584, .635, .687, .729, .768, .806, .845, .884, .923, .961, 1.0]  # fmt: skip

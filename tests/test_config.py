@@ -8,6 +8,7 @@ import random
 
 import pytest
 import yaml
+from helpers import DOC_SELF_ATTN
 
 from mergekit_fast.config import (
     METHODS,
@@ -19,30 +20,9 @@ from mergekit_fast.config import (
     parse_config,
     resolve_parameter,
 )
+from mergekit_fast.testing import slerp_gradient_config
 
-SLERP_GRADIENT = """
-merge_method: slerp
-base_model: org/model-a
-slices:
-  - sources:
-      - model: org/model-a
-        layer_range: [0, 32]
-      - model: org/model-b
-        layer_range: [0, 32]
-parameters:
-  t:
-    - filter: self_attn
-      value: [0, 0.5, 0.3, 0.7, 1]
-    - filter: mlp
-      value: [1, 0.5, 0.7, 0.3, 0]
-    - value: 0.5
-dtype: bfloat16
-"""
-
-# /work/shared/reference/mergekit.md section 2.4: t of the self_attn tensors per layer for the config
-# above (32 layers), as mergekit 0.1.5's planner resolves it, rounded to 3 decimals.
-DOC_SELF_ATTN = [0, .065, .129, .194, .258, .323, .387, .452, .494, .468, .442, .416, .39, .365, .339, .313,
-                 .326, .377, .429, .481, .532, .584, .635, .687, .729, .768, .806, .845, .884, .923, .961, 1.0]  # fmt: skip
+SLERP_GRADIENT = slerp_gradient_config("org/model-a", "org/model-b", 32)
 
 
 def shared_t(cfg, tensor_name: str, t: float) -> float:

@@ -16,11 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 from fixtures_models import make_model, write_tokenizer
+from helpers import DOC_SELF_ATTN
 from safetensors.torch import load_file, save_file
 
 from mergekit_fast.config import ConfigError, NotSupportedError, parse_config
 from mergekit_fast.io.model import ModelSource
 from mergekit_fast.plan import KNOWN_ARCHITECTURES, MergePlan, build_plan, is_pre_weight
+from mergekit_fast.testing import slerp_gradient_config
 
 # --------------------------------------------------------------------------------------------------
 # Models (built once per session)
@@ -184,29 +186,7 @@ def compare_with_mergekit(text: str, **kw) -> MergePlan:
 
 
 def slerp_gradient(a, b, n):
-    return f"""
-merge_method: slerp
-base_model: {a}
-slices:
-  - sources:
-      - model: {a}
-        layer_range: [0, {n}]
-      - model: {b}
-        layer_range: [0, {n}]
-parameters:
-  t:
-    - filter: self_attn
-      value: [0, 0.5, 0.3, 0.7, 1]
-    - filter: mlp
-      value: [1, 0.5, 0.7, 0.3, 0]
-    - value: 0.5
-dtype: bfloat16
-"""
-
-
-# mergekit.md section 2.4 (32 layers), rounded to 3 decimals by the document
-DOC_SELF_ATTN = [0, .065, .129, .194, .258, .323, .387, .452, .494, .468, .442, .416, .39, .365, .339, .313,
-                 .326, .377, .429, .481, .532, .584, .635, .687, .729, .768, .806, .845, .884, .923, .961, 1.0]  # fmt: skip
+    return slerp_gradient_config(a, b, n)
 
 
 def t_of(plan: MergePlan, name: str) -> float:
