@@ -1,8 +1,8 @@
 // The only pybind11 file: exposes the native kernels as mergekit_fast._C.
 //
-// Every pointer crosses as an integer address (tensor.data_ptr()), every CUDA stream as its raw
-// handle (torch.cuda.current_stream().cuda_stream). Validation (device, dtype, shape,
-// contiguity) happens once, in Python, before these are called. The GIL is released around
+// Every pointer crosses as an integer address (tensor.data_ptr(), or address() of a buffer such
+// as a mapped file), every CUDA stream as its raw handle (torch.cuda.current_stream().cuda_stream).
+// Validation (device, dtype, shape, contiguity) happens once, in Python, before these are called. The GIL is released around
 // every kernel so the engine's reader and writer threads keep running.
 #include <pybind11/pybind11.h>
 
@@ -36,6 +36,16 @@ constexpr bool kWithCuda = false;
 PYBIND11_MODULE(_C, m) {
   m.doc() = "mergekit_fast native kernels (C++ CPU, and CUDA when built with nvcc)";
   m.attr("with_cuda") = kWithCuda;
+
+  // The address of any object with the buffer protocol (a read-only mmap included), for callers
+  // without torch. The caller keeps the object, and so the memory, alive while it uses the address.
+  m.def(
+      "address",
+      [](py::buffer b) {
+        py::buffer_info info = b.request();
+        return reinterpret_cast<uintptr_t>(info.ptr);
+      },
+      py::arg("buffer"));
 
   // ---------------------------------------------------------------- SLERP (CPU)
   m.def(

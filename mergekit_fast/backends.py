@@ -8,7 +8,8 @@ Backends, fastest first for their device:
 
 ``backend="auto"`` (or MERGEKIT_FAST_BACKEND) picks the first available backend for the tensors'
 device and logs once why a faster one was skipped. A backend named explicitly that cannot run
-raises ``BackendUnavailable``: never a silent fallback.
+raises ``BackendUnavailable``: never a silent fallback. A device is a torch.device or its type
+("cpu", "cuda"); choosing a CPU backend does not import torch.
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-
-import torch
 
 from mergekit_fast import _native
 
@@ -53,12 +52,18 @@ def triton_version() -> str | None:
     return triton.__version__
 
 
-def unavailable_reason(backend: str, device: torch.device) -> str | None:
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def unavailable_reason(backend: str, device) -> str | None:
     """None when ``backend`` can run on tensors of ``device``, else a short reason."""
-    dev = device.type
+    dev = getattr(device, "type", device)
     if backend == "torch":
         return None
-    if dev == "cuda" and backend in ("cuda", "triton") and not torch.cuda.is_available():
+    if dev == "cuda" and backend in ("cuda", "triton") and not _cuda_available():
         return "no GPU visible"
     if backend == "cpp":
         if dev != "cpu":
@@ -66,7 +71,7 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
         return _native.import_error()
     if backend == "cuda":
         if dev != "cuda":
-            return "no GPU visible" if not torch.cuda.is_available() else f"tensors are on {dev}, not cuda"
+            return "no GPU visible" if not _cuda_available() else f"tensors are on {dev}, not cuda"
         err = _native.import_error()
         if err:
             return err
@@ -101,12 +106,13 @@ def _log_fallback_once(op: str, device: str, chosen: str, skipped: tuple) -> Non
     log.warning("mergekit_fast.%s on %s uses the %s backend (%s)", op, device, chosen, reasons)
 
 
-def select(op: str, device: torch.device, requested: str | None, implemented=BACKENDS) -> str:
+def select(op: str, device, requested: str | None, implemented=BACKENDS) -> str:
     """The backend that runs ``op`` on tensors of ``device``.
 
     ``implemented`` lists the backends this op has; ``requested`` is a backend name, "auto" or None.
     """
     req = (requested or default_backend()).lower()
+    dev = getattr(device, "type", device)
     if req != "auto":
         if req not in BACKENDS:
             raise ValueError(f"{op}: unknown backend {req!r}; choose from auto, {', '.join(BACKENDS)}")
@@ -114,16 +120,16 @@ def select(op: str, device: torch.device, requested: str | None, implemented=BAC
             raise BackendUnavailable(f"{op}: no {req} implementation")
         why = unavailable_reason(req, device)
         if why:
-            raise BackendUnavailable(f"{op}: backend {req!r} is unavailable for {device.type} tensors: {why}")
+            raise BackendUnavailable(f"{op}: backend {req!r} is unavailable for {dev} tensors: {why}")
         return req
     skipped = []
-    for cand in _AUTO_ORDER.get(device.type, ("torch",)):
+    for cand in _AUTO_ORDER.get(dev, ("torch",)):
         if cand not in implemented:
             continue
         why = unavailable_reason(cand, device)
         if why is None:
             if skipped:
-                _log_fallback_once(op, device.type, cand, tuple(skipped))
+                _log_fallback_once(op, dev, cand, tuple(skipped))
             return cand
         skipped.append((cand, why))
     return "torch"
@@ -131,6 +137,8 @@ def select(op: str, device: torch.device, requested: str | None, implemented=BAC
 
 def report() -> dict[str, dict[str, str | bool]]:
     """Availability of every backend on every device that exists here (for ``mergekit_fast.info``)."""
+    import torch
+
     devices = [torch.device("cpu")]
     if torch.cuda.is_available():
         devices.insert(0, torch.device("cuda"))

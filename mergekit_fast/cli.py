@@ -82,6 +82,7 @@ def _options(args):
         write_model_card=args.write_model_card,
         strict=args.strict,
         progress=False if args.quiet else args.progress,
+        threads=args.num_threads or 0,
     )
 
 
@@ -90,10 +91,8 @@ def _setup(args) -> None:
     if args.quiet:
         level = logging.ERROR
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    if args.num_threads:
-        import torch
-
-        torch.set_num_threads(args.num_threads)
+    if args.num_threads is not None and args.num_threads < 1:
+        raise ValueError(f"--num-threads must be at least 1, got {args.num_threads}")
 
 
 def _run_config(config_source, out: str, args) -> int:

@@ -185,18 +185,16 @@ DTYPE_NAMES = ("bfloat16", "float16", "float32", "float64")
 
 
 def dtype_from_name(name: str | None):
-    """torch dtype for a config dtype name (`bfloat16`, `torch.float16`, ...), None for None."""
-    import torch
+    """The dtype (mergekit_fast.dtypes.DType) of a config dtype name (`bfloat16`, `torch.float16`,
+    ...), None for None."""
+    from mergekit_fast import dtypes
 
     if not name:
         return None
     short = name[len("torch.") :] if name.startswith("torch.") else name
-    return {
-        "bfloat16": torch.bfloat16,
-        "float16": torch.float16,
-        "float32": torch.float32,
-        "float64": torch.float64,
-    }[short]
+    if short not in DTYPE_NAMES:
+        raise KeyError(short)
+    return dtypes.BY_NAME[short]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -11,6 +11,10 @@ Three stages run at once, joined by bounded queues:
   writer (thread)   writes every tensor at its offset in its (preallocated) shard, releases the
                     input pages and returns the buffers to the pool.
 
+On the CPU, SLERP with no dtype conversion runs the native kernel straight on the mapped inputs
+and pooled output buffers, by address: such a merge never imports torch (2 s of a small merge).
+Everything else goes through torch (imported when first needed).
+
 Memory is bounded by ``max_memory``: the buffer pool (outputs, and staged inputs on CUDA) never
 grows past it, so peak memory does not grow with the model. A single tensor larger than the
 budget still runs, alone. Passthrough tensors whose dtype does not change are copied file to file
@@ -27,6 +31,7 @@ import contextlib
 import json
 import logging
 import math
+import mmap
 import os
 import queue
 import resource
@@ -38,12 +43,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
-from mergekit_fast import methods
+from mergekit_fast import _native, backends, dtypes
 from mergekit_fast.io.model import ModelSource
 from mergekit_fast.io.safetensors import ShardWriter, itemsize
-from mergekit_fast.ops.slerp import SEGMENT_MAX_NUMEL
+from mergekit_fast.ops import SLERP_DOT_THRESHOLD, SLERP_EPS
+from mergekit_fast.ops import SLERP_SEGMENT_MAX_NUMEL as SEGMENT_MAX_NUMEL
 
 log = logging.getLogger("mergekit_fast")
 
@@ -83,6 +87,7 @@ class MergeOptions:
     progress: bool | None = None  # None: only on a terminal
     strict: bool = False  # non-finite values in a merged tensor are an error instead of a warning
     fsync: bool = False
+    threads: int = 0  # CPU threads for the kernels (0: every core this process may use)
 
 
 @dataclass
@@ -113,15 +118,26 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def resolve_device(device: str) -> torch.device:
+def _nvidia_absent() -> bool:
+    """True when this machine certainly has no NVIDIA GPU (no driver device node): then "auto" is
+    the CPU without importing torch to ask."""
+    return not os.path.exists("/dev/nvidiactl") and "torch" not in sys.modules
+
+
+def resolve_device(device: str):
+    """ "cpu", or the torch.device of a visible GPU."""
+    if device == "cpu" or (device == "auto" and _nvidia_absent()):
+        return "cpu"
+    import torch
+
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cuda") if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise MergeError(f"--device {device}: no CUDA GPU is visible")
     if dev.type not in ("cpu", "cuda"):
         raise MergeError(f"--device {device}: only cpu and cuda are supported")
-    return dev
+    return "cpu" if dev.type == "cpu" else dev
 
 
 # ----------------------------------------------------------------------------- shards
@@ -152,7 +168,8 @@ def shard_names(n: int) -> list[str]:
 
 
 class BufferPool:
-    """Reusable byte buffers under a byte budget (pinned host memory for CUDA staging).
+    """Reusable byte buffers under a byte budget: anonymous memory maps, or pinned torch tensors
+    for CUDA staging; ``len(buf)`` is a buffer's size.
 
     Reusing buffers avoids the page faults of fresh large allocations; the budget bounds memory.
     A request larger than the whole budget is served alone, once everything else is returned.
@@ -161,16 +178,20 @@ class BufferPool:
     def __init__(self, budget: int, pin: bool = False):
         self.budget = budget
         self.pin = pin
-        self.free: list[torch.Tensor] = []
+        self.free: list = []
         self.in_use = 0
         self.held = 0  # bytes allocated (free + in use)
         self.cond = threading.Condition()
         self.closed = False
 
-    def _alloc(self, nbytes: int) -> torch.Tensor:
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin)
+    def _alloc(self, nbytes: int):
+        if not self.pin:
+            return mmap.mmap(-1, nbytes)  # page-aligned, zero pages until first written
+        import torch
 
-    def acquire(self, nbytes: int) -> torch.Tensor:
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+
+    def acquire(self, nbytes: int):
         nbytes = max(nbytes, 1)
         with self.cond:
             while True:
@@ -178,15 +199,15 @@ class BufferPool:
                     raise MergeError("merge aborted")
                 best = None
                 for i, buf in enumerate(self.free):
-                    if buf.numel() >= nbytes and (best is None or buf.numel() < self.free[best].numel()):
+                    if len(buf) >= nbytes and (best is None or len(buf) < len(self.free[best])):
                         best = i
                 if best is not None:
                     buf = self.free.pop(best)
-                    self.in_use += buf.numel()
+                    self.in_use += len(buf)
                     return buf
                 # Drop free buffers that are too small, to make room under the budget.
                 while self.free and self.held + nbytes > self.budget:
-                    self.held -= self.free.pop(0).numel()
+                    self.held -= len(self.free.pop(0))
                 if self.held + nbytes <= self.budget or self.in_use == 0:
                     self.held += nbytes
                     self.in_use += nbytes
@@ -200,7 +221,7 @@ class BufferPool:
                 if self.closed:
                     raise MergeError("merge aborted")
                 while self.free and self.held + nbytes > self.budget:
-                    self.held -= self.free.pop(0).numel()
+                    self.held -= len(self.free.pop(0))
                 if self.held + nbytes <= self.budget or self.in_use == 0:
                     self.held += nbytes
                     self.in_use += nbytes
@@ -213,13 +234,13 @@ class BufferPool:
             self.in_use -= nbytes
             self.cond.notify_all()
 
-    def release(self, buf: torch.Tensor) -> None:
+    def release(self, buf) -> None:
         with self.cond:
-            self.in_use -= buf.numel()
+            self.in_use -= len(buf)
             if self.held <= self.budget:
                 self.free.append(buf)
             else:
-                self.held -= buf.numel()
+                self.held -= len(buf)
             self.cond.notify_all()
 
     def close(self) -> None:
@@ -229,30 +250,43 @@ class BufferPool:
             self.cond.notify_all()
 
 
-def _view(buf: torch.Tensor, dtype: torch.dtype, shape) -> torch.Tensor:
-    n = math.prod(shape) * itemsize(dtype)
-    return buf[:n].view(dtype).view(shape)
+def _bytes(buf):
+    """A pool buffer as a flat uint8 torch tensor (zero-copy)."""
+    import torch
+
+    return buf if isinstance(buf, torch.Tensor) else torch.frombuffer(buf, dtype=torch.uint8)
 
 
-def _all_finite(x: torch.Tensor) -> torch.Tensor:
-    """0-d bool: no NaN or Inf in ``x``. min/max propagate NaN and expose +-Inf, and one aminmax
-    pass is ~10x faster on the CPU than isfinite(x).all() for 16-bit tensors."""
+def _all_finite(x):
+    """0-d bool tensor: no NaN or Inf in ``x``. min/max propagate NaN and expose +-Inf, and one
+    aminmax pass is ~10x faster on the CPU than isfinite(x).all() for 16-bit tensors."""
+    import torch
+
     if x.numel() == 0:
         return torch.ones((), dtype=torch.bool, device=x.device)
     lo, hi = torch.aminmax(x)
     return torch.isfinite(lo) & torch.isfinite(hi)
 
 
-def _carve(
-    pool: BufferPool, specs: list[tuple[torch.dtype, tuple]]
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """One pool buffer holding tensors of the given (dtype, shape), each 64-byte aligned."""
+def _carve_bytes(pool: BufferPool, sizes: list[int]) -> tuple[object, list[int]]:
+    """One pool buffer holding pieces of the given byte sizes, each 64-byte aligned: (buffer, offsets)."""
     offsets, total = [], 0
-    for dtype, shape in specs:
+    for n in sizes:
         offsets.append(total)
-        total += -(-(math.prod(shape) * itemsize(dtype)) // 64) * 64
-    buf = pool.acquire(total)
-    return buf, [_view(buf[off:], dtype, shape) for off, (dtype, shape) in zip(offsets, specs)]
+        total += -(-n // 64) * 64
+    return pool.acquire(total), offsets
+
+
+def _carve(pool: BufferPool, specs: list[tuple]) -> tuple[object, list]:
+    """One pool buffer holding torch tensors of the given (dtype, shape), each 64-byte aligned."""
+    specs = [(dtypes.of(d), tuple(s)) for d, s in specs]
+    buf, offsets = _carve_bytes(pool, [math.prod(s) * d.itemsize for d, s in specs])
+    flat = _bytes(buf)
+    views = [
+        flat[off : off + math.prod(s) * d.itemsize].view(d.torch).view(s)
+        for off, (d, s) in zip(offsets, specs)
+    ]
+    return buf, views
 
 
 # ----------------------------------------------------------------------------- work items
@@ -265,11 +299,12 @@ class Job:
     kind: str  # "copy" | "one" | "slerp_batch"
     tensors: list  # OutputTensor
     key: tuple = ()
+    native: bool = False  # SLERP by the native CPU kernel on raw addresses (no torch)
     # filled by the loader / compute stages
-    inputs: list = field(default_factory=list)  # per tensor: list of input tensors
+    inputs: list = field(default_factory=list)  # per tensor: input tensors (native: addresses)
     staged: list = field(default_factory=list)  # pool buffers holding staged inputs (CUDA)
     event: object = None
-    outputs: list = field(default_factory=list)  # per tensor: host tensor to write
+    outputs: list = field(default_factory=list)  # per tensor: host tensor (native: memoryview) to write
     out_bufs: list = field(default_factory=list)  # pool buffers holding outputs
     reserved: int = 0  # bytes of outputs held outside the pool, accounted in it
 
@@ -326,14 +361,27 @@ def make_jobs(plan) -> list[Job]:
 # ----------------------------------------------------------------------------- the executor
 
 
+def _native_slerp_available(backend: str) -> bool:
+    """Whether SLERP on CPU tensors would run the native kernel (and no cross-check is asked for)."""
+    if _native.C is None or os.environ.get("MERGEKIT_FAST_VERIFY", "") not in ("", "0"):
+        return False
+    try:
+        return backends.select("slerp", "cpu", backend) == "cpp"
+    except (backends.BackendUnavailable, ValueError):
+        return False  # the torch path raises it, if a SLERP is planned at all
+
+
 class _Pipeline:
     def __init__(self, plan, writers: dict[str, tuple[ShardWriter, object]], options: MergeOptions,
-                 device: torch.device, progress: Callable[[int], None]):  # fmt: skip
+                 device, progress: Callable[[int], None]):  # fmt: skip
         self.plan = plan
         self.writers = writers  # output name -> (ShardWriter, shard index)
         self.opt = options
-        self.device = device
-        self.cuda = device.type == "cuda"
+        self.device = device  # "cpu" or a CUDA torch.device
+        self.cuda = device != "cpu"
+        self.native_slerp = not self.cuda and _native_slerp_available(options.backend)
+        self.threads = options.threads or len(os.sched_getaffinity(0))
+        self._torch_ready = False
         self.progress = progress
         # Separate pools for staged inputs (CUDA) and outputs, and one acquire per job and pool:
         # a job never waits on buffers that it, or a job queued behind it, holds.
@@ -343,11 +391,37 @@ class _Pipeline:
         self.error: BaseException | None = None
         self.bytes_read = 0
         self.bytes_written = 0
-        self.finite_flags: list[tuple[str, torch.Tensor]] = []
+        self.finite_flags: list[tuple[str, object]] = []  # (name, bool or 0-d bool tensor)
         self.lock = threading.Lock()
         if self.cuda:
+            import torch
+
             self.copy_stream = torch.cuda.Stream(device)
             self.compute_stream = torch.cuda.current_stream(device)
+
+    def _is_native(self, t) -> bool:
+        """SLERP that the native CPU kernel runs on the inputs as stored: no dtype conversion."""
+        if (
+            not self.native_slerp
+            or t.method != "slerp"
+            or t.in_dtype.native is None
+            or t.out_dtype != t.in_dtype
+        ):
+            return False
+        tval = _params(t).get("t")
+        if not isinstance(tval, (int, float)) or not 0.0 <= tval <= 1.0:
+            return False  # the torch path's op raises its error
+        return all(self.plan.sources[r.model].tensors[r.tensor].dtype == t.in_dtype for r in t.inputs)
+
+    def _torch(self):
+        """torch, imported on first use, with the thread count asked for."""
+        import torch
+
+        if not self._torch_ready:
+            if self.opt.threads:
+                torch.set_num_threads(self.opt.threads)
+            self._torch_ready = True
+        return torch
 
     # -- helpers
     def _source_view(self, ref):
@@ -405,21 +479,25 @@ class _Pipeline:
         for t in job.tensors:
             ins = []
             for ref in t.inputs:
-                _, info, view = self._source_view(ref)
-                if t.method in SAME_SHAPE_METHODS and tuple(view.shape) != tuple(t.shape):
+                src: ModelSource = self.plan.sources[ref.model]
+                info = src.tensors[ref.tensor]
+                if t.method in SAME_SHAPE_METHODS and tuple(info.shape) != tuple(t.shape):
                     raise MergeError(
-                        f"{info.file}: tensor {ref.tensor!r} has shape {tuple(view.shape)}, expected {tuple(t.shape)}"
+                        f"{info.file}: tensor {ref.tensor!r} has shape {tuple(info.shape)}, expected {tuple(t.shape)}"
                     )
+                reader = src.reader(info.file)
+                view = reader.address(ref.tensor) if job.native else reader.view(ref.tensor)
                 with self.lock:
                     self.bytes_read += info.nbytes
                 if not self.cuda:
                     # Fault the pages in here, on the loader thread, while compute works on the previous job.
-                    self.plan.sources[ref.model].reader(info.file).prefault(ref.tensor)
+                    reader.prefault(ref.tensor)
                 ins.append(view)
                 views.append(view)
             job.inputs.append(ins)
         if not self.cuda:
             return
+        torch = self._torch()
         # Stage every input of the job through one pinned buffer, then copy to the device.
         buf, staged = _carve(self.in_pool, [(v.dtype, tuple(v.shape)) for v in views])
         job.staged.append(buf)
@@ -438,6 +516,10 @@ class _Pipeline:
     def compute(self, job: Job) -> None:
         if job.kind == "copy":
             return
+        if job.native:
+            self._compute_native(job)
+            return
+        torch = self._torch()
         if self.cuda:
             self.compute_stream.wait_event(job.event)
             for ins in job.inputs:
@@ -446,7 +528,7 @@ class _Pipeline:
         results = []
         for t, r in zip(job.tensors, self._merge(job)):
             if r.dtype != t.out_dtype:
-                r = r.to(t.out_dtype)
+                r = r.to(t.out_dtype.torch)
             if r.is_floating_point():
                 # A 0-d tensor: on CUDA it is read once at the end, so no sync here.
                 # SLERP: a NaN/Inf input makes the coefficients, hence every element, NaN, so
@@ -465,16 +547,41 @@ class _Pipeline:
         else:
             # The inputs are no longer needed: drop their pages now, not when the job is written.
             self._release_inputs(job)
-            pooled = {b.data_ptr() for b in job.out_bufs}
+            pooled = {_bytes(b).data_ptr() for b in job.out_bufs}
             extra = sum(r.nbytes for r in results if r.untyped_storage().data_ptr() not in pooled)
             if extra:
                 self.out_pool.reserve(extra)
                 job.reserved = extra
         job.outputs.extend(results)
 
-    def _merge(self, job: Job) -> list[torch.Tensor]:
+    def _compute_native(self, job: Job) -> None:
+        """SLERP into one pooled buffer by the native kernel: inputs and outputs by address."""
+        ts = job.tensors
+        sizes = [math.prod(t.shape) * t.in_dtype.itemsize for t in ts]
+        buf, offsets = _carve_bytes(self.out_pool, sizes)
+        job.out_bufs.append(buf)
+        base = _native.C.address(buf)
+        by_dtype: dict[object, list[int]] = {}
+        for i, t in enumerate(ts):
+            by_dtype.setdefault(t.in_dtype, []).append(i)
+        for d, idx in by_dtype.items():
+            _native.slerp_cpu_many(
+                d.native, [_params(ts[i])["t"] for i in idx], [job.inputs[i][0] for i in idx],
+                [job.inputs[i][1] for i in idx], [base + offsets[i] for i in idx],
+                [math.prod(ts[i].shape) for i in idx], SLERP_EPS, SLERP_DOT_THRESHOLD, self.threads,
+            )  # fmt: skip
+        self._release_inputs(job)
+        mv = memoryview(buf)
+        for t, off, n in zip(ts, offsets, sizes):
+            # A NaN/Inf input makes the coefficients, hence every element, NaN: one element tells.
+            self.finite_flags.append((t.name, n == 0 or t.in_dtype.first_is_finite(mv, off)))
+            job.outputs.append(mv[off : off + n])
+
+    def _merge(self, job: Job) -> list:
+        from mergekit_fast import methods
+
         casted = [
-            [x if x.dtype == t.in_dtype else x.to(t.in_dtype) for x in ins]
+            [x if x.dtype == t.in_dtype else x.to(t.in_dtype.torch) for x in ins]
             for t, ins in zip(job.tensors, job.inputs)
         ]
         if job.kind == "slerp_batch" or job.tensors[0].method == "slerp":
@@ -547,6 +654,8 @@ class _Pipeline:
                     done += k
                 pos += info.nbytes
         except (OSError, AttributeError):
+            import torch
+
             if len(views) == 1:
                 shard.write(t.name, views[0][0].view(views[0][1]))
             else:
@@ -587,6 +696,8 @@ class _Pipeline:
         return [name for name, ok in self.finite_flags if not bool(ok)]
 
     def run(self, jobs: list[Job]) -> None:
+        for job in jobs:
+            job.native = job.kind != "copy" and all(self._is_native(t) for t in job.tensors)
         # On the CPU the loader prefaults inputs: one job ahead is enough overlap and keeps RSS bounded.
         load_q: queue.Queue = queue.Queue(maxsize=4 if self.cuda else 1)
         write_q: queue.Queue = queue.Queue(maxsize=8)

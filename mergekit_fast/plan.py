@@ -37,8 +37,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
+from mergekit_fast import dtypes
 from mergekit_fast.config import (
     INPUT,
     ConfigError,
@@ -49,6 +48,7 @@ from mergekit_fast.config import (
     normalize_model_path,
     resolve_parameter,
 )
+from mergekit_fast.dtypes import DType
 from mergekit_fast.io.model import ModelError, ModelSource
 from mergekit_fast.io.safetensors import TensorInfo
 
@@ -69,8 +69,8 @@ class InputRef:
 class OutputTensor:
     name: str  # output tensor name
     shape: tuple[int, ...]
-    in_dtype: torch.dtype  # inputs are cast to this before the math (config dtype, else promoted)
-    out_dtype: torch.dtype  # dtype written (config out_dtype, else in_dtype)
+    in_dtype: DType  # inputs are cast to this before the math (config dtype, else promoted)
+    out_dtype: DType  # dtype written (config out_dtype, else in_dtype)
     method: str  # "slerp" | "linear" | "passthrough"
     inputs: tuple[InputRef, ...]  # slerp: (base, other); linear: all models; passthrough: one
     params: tuple[tuple[str, object], ...]
@@ -528,7 +528,7 @@ class _Planner:
                     f"{m} ({n}: {tuple(info.shape)}){hint}"
                 )
         for m, n, info in infos:
-            if not info.dtype.is_floating_point:
+            if not info.dtype.is_float:
                 raise NotSupportedError(
                     f"tensor {n} of {m} has dtype {info.dtype}; merging non-floating-point tensors is not "
                     "supported yet"
@@ -537,7 +537,7 @@ class _Planner:
         if in_dtype is None:
             in_dtype = infos[0][2].dtype
             for _, _, info in infos[1:]:
-                in_dtype = torch.promote_types(in_dtype, info.dtype)
+                in_dtype = dtypes.promote(in_dtype, info.dtype)
         out_dtype = self.out_dtype or in_dtype
 
         refs = {i: InputRef(models[i], resolved[i]) for i in present}

@@ -47,7 +47,7 @@ def _written(out_dir: Path, name: str) -> torch.Tensor:
 
 def reference(t, sources) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(reference output in out_dtype, per-element error scale or None for |ref|)."""
-    ins = [_load(sources[r.model], r.tensor).to(t.in_dtype) for r in t.inputs]
+    ins = [_load(sources[r.model], r.tensor).to(t.in_dtype.torch) for r in t.inputs]
     p = dict(t.params)
     scale = None
     if t.method == "slerp":
@@ -68,7 +68,7 @@ def reference(t, sources) -> tuple[torch.Tensor, torch.Tensor | None]:
         out = methods.REGISTRY[t.method].reference(ins, **p)  # a method registered with its reference
     else:
         raise ValueError(f"tensor {t.name}: unknown method {t.method}")
-    return out.to(t.out_dtype), scale
+    return out.to(t.out_dtype.torch), scale
 
 
 def verify_output(plan, out_dir: str | Path, n: int) -> float:
@@ -78,7 +78,7 @@ def verify_output(plan, out_dir: str | Path, n: int) -> float:
     for t in sample(plan.tensors, n):
         ref, scale = reference(t, plan.sources)
         got = _written(out_dir, t.name)
-        tol = MAX_ULPS.get(t.out_dtype, 2.0) if t.method not in ("passthrough", "concat") else 0.0
+        tol = MAX_ULPS.get(t.out_dtype.torch, 2.0) if t.method not in ("passthrough", "concat") else 0.0
         _, ulps = _verify.check(f"--verify {t.name} ({t.method})", got, ref, max_ulps=tol, scale=scale)
         worst = max(worst, ulps)
     return worst

@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
+from mergekit_fast import _native
 from mergekit_fast.io.model import ModelError, ModelSource
 from mergekit_fast.io.safetensors import SafetensorsError, ShardReader, ShardWriter, read_header
 
@@ -42,14 +43,17 @@ def test_reader_matches_safetensors_library(tmp_path):
             assert torch.equal(r.view(k), v) and torch.equal(r.read(k), v)
             r.release(k)
             assert torch.equal(r.view(k), v)  # released pages come back from the page cache
+            if v.numel() and _native.C is not None:  # the native path's address is the view's
+                assert r.address(k) == r.view(k).data_ptr()
 
 
 def test_writer_out_of_order_roundtrip(tmp_path):
     sd = _sample()
     entries = [(k, v.dtype, tuple(v.shape)) for k, v in sd.items()]
     w = ShardWriter(tmp_path / "o.safetensors", entries, metadata={"format": "pt"})
-    for k in reversed(list(sd)):
-        w.write(k, sd[k])
+    for i, k in enumerate(reversed(list(sd))):
+        # a tensor, or (the native path) a buffer of its bytes
+        w.write(k, sd[k] if i % 2 else memoryview(sd[k].contiguous().view(-1).view(torch.uint8).numpy()))
     w.close()
     back = load_file(tmp_path / "o.safetensors")
     assert sorted(back) == sorted(sd)
@@ -61,6 +65,8 @@ def test_writer_refuses_wrong_tensor_and_early_close(tmp_path):
     w = ShardWriter(tmp_path / "o.safetensors", [("a", torch.float32, (2,)), ("b", torch.float32, (3,))])
     with pytest.raises(ValueError, match="'a'"):
         w.write("a", torch.zeros(3))
+    with pytest.raises(ValueError, match="'a': 12 bytes given, the plan says 8"):
+        w.write("a", bytes(12))
     w.write("a", torch.zeros(2))
     with pytest.raises(RuntimeError, match="missing"):
         w.close()

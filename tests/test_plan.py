@@ -19,6 +19,7 @@ from fixtures_models import make_model, write_tokenizer
 from helpers import DOC_SELF_ATTN
 from safetensors.torch import load_file, save_file
 
+from mergekit_fast import dtypes
 from mergekit_fast.config import ConfigError, NotSupportedError, parse_config
 from mergekit_fast.io.model import ModelSource
 from mergekit_fast.plan import KNOWN_ARCHITECTURES, MergePlan, build_plan, is_pre_weight
@@ -281,7 +282,7 @@ parameters: {{weight: 1}}
 """
     plan = compare_with_mergekit(text)
     # bf16 + fp16 promote to fp32 (torch.promote_types, as mergekit's promoted_dtype)
-    assert {t.in_dtype for t in plan.tensors} == {torch.float32}
+    assert {t.in_dtype for t in plan.tensors} == {dtypes.float32}
 
 
 @pytest.mark.mergekit

@@ -21,26 +21,11 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+from mergekit_fast import dtypes
+from mergekit_fast.dtypes import DType
 
-# safetensors dtype names <-> torch dtypes.
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("U16", "uint16"),
-                     ("U32", "uint32"), ("U64", "uint64")):  # fmt: skip
-    if hasattr(torch, _attr):
-        DTYPES[_name] = getattr(torch, _attr)
-NAMES = {v: k for k, v in DTYPES.items()}
+# safetensors dtype codes -> dtypes (DType compares equal to the torch dtype of the same name).
+DTYPES: dict[str, DType] = dtypes.BY_CODE
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 _MADV_POPULATE_READ = getattr(
@@ -56,7 +41,7 @@ class SafetensorsError(ValueError):
 @dataclass(frozen=True)
 class TensorInfo:
     name: str
-    dtype: torch.dtype
+    dtype: DType
     shape: tuple[int, ...]
     file: Path
     start: int  # absolute byte offset in the file
@@ -71,8 +56,9 @@ class TensorInfo:
         return math.prod(self.shape)
 
 
-def itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+def itemsize(dtype) -> int:
+    """Bytes per element of a DType or torch dtype."""
+    return dtypes.of(dtype).itemsize
 
 
 def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[str, str]]:
@@ -158,22 +144,41 @@ class ShardReader:
         self._file = open(self.path, "rb")
         size = os.fstat(self._file.fileno()).st_size
         self._mm = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+        self._base: int | None = None
 
-    def view(self, name: str) -> torch.Tensor:
-        """The tensor as a zero-copy view of the mapped file. Never write to it."""
-        info = self.tensors[name]
-        if info.nbytes == 0:
-            return torch.empty(info.shape, dtype=info.dtype)
+    def _check(self, info: TensorInfo) -> None:
         if info.end > len(self._mm):
             raise SafetensorsError(
-                f"{self.path}: tensor {name!r} lies past the end of the file (was it truncated?)"
+                f"{self.path}: tensor {info.name!r} lies past the end of the file (was it truncated?)"
             )
+
+    def view(self, name: str):
+        """The tensor as a zero-copy torch view of the mapped file. Never write to it."""
+        import torch
+
+        info = self.tensors[name]
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=info.dtype.torch)
+        self._check(info)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "non-writable buffer": the view is read-only by contract
             flat = torch.frombuffer(self._mm, dtype=torch.uint8, count=info.nbytes, offset=info.start)
-        return flat.view(info.dtype).view(info.shape)
+        return flat.view(info.dtype.torch).view(info.shape)
 
-    def read(self, name: str) -> torch.Tensor:
+    def address(self, name: str) -> int:
+        """The address of the tensor's first byte in the mapping (for the native kernels, without
+        torch); valid until ``close``. Never write through it."""
+        info = self.tensors[name]
+        if info.nbytes == 0:
+            return 0
+        self._check(info)
+        if self._base is None:
+            from mergekit_fast import _native
+
+            self._base = _native.C.address(self._mm)
+        return self._base + info.start
+
+    def read(self, name: str):
         """A private, writable copy of the tensor."""
         return self.view(name).clone()
 
@@ -223,7 +228,7 @@ class ShardReader:
         self.close()
 
 
-def layout(entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str] | None = None):
+def layout(entries: list[tuple[str, DType, tuple[int, ...]]], metadata: dict[str, str] | None = None):
     """Header bytes and absolute (start, end) offsets for tensors written in the given order."""
     header: dict[str, object] = {}
     if metadata:
@@ -234,7 +239,11 @@ def layout(entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: di
         if name in offsets:
             raise ValueError(f"duplicate tensor name {name!r} in one shard")
         nbytes = math.prod(shape) * itemsize(dtype)
-        header[name] = {"dtype": NAMES[dtype], "shape": list(shape), "data_offsets": [pos, pos + nbytes]}
+        header[name] = {
+            "dtype": dtypes.of(dtype).code,
+            "shape": list(shape),
+            "data_offsets": [pos, pos + nbytes],
+        }
         offsets[name] = (pos, pos + nbytes)
         pos += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
@@ -250,7 +259,7 @@ class ShardWriter:
     def __init__(self, path: str | os.PathLike, entries, metadata: dict[str, str] | None = None):
         self.path = Path(path)
         header, self.offsets, self.size = layout(entries, metadata)
-        self._shapes = {name: (dtype, tuple(shape)) for name, dtype, shape in entries}
+        self._shapes = {name: (dtypes.of(dtype), tuple(shape)) for name, dtype, shape in entries}
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self.written: set[str] = set()
         try:
@@ -260,17 +269,24 @@ class ShardWriter:
             self.abort()
             raise
 
-    def write(self, name: str, tensor: torch.Tensor) -> int:
+    def write(self, name: str, tensor) -> int:
+        """Write a torch tensor of the planned dtype and shape, or a buffer of exactly its bytes."""
         dtype, shape = self._shapes[name]
-        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
-            raise ValueError(
-                f"{self.path.name}: tensor {name!r} is {tensor.dtype} {tuple(tensor.shape)}, "
-                f"the plan says {dtype} {shape}"
-            )
         start, end = self.offsets[name]
+        if hasattr(tensor, "dtype"):
+            if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+                raise ValueError(
+                    f"{self.path.name}: tensor {name!r} is {tensor.dtype} {tuple(tensor.shape)}, "
+                    f"the plan says {dtype} {shape}"
+                )
+            mv = memoryview(tensor.detach().contiguous().reshape(-1).view(dtypes.uint8.torch).numpy())
+        else:
+            mv = memoryview(tensor).cast("B")
+            if len(mv) != end - start:
+                raise ValueError(
+                    f"{self.path.name}: tensor {name!r}: {len(mv)} bytes given, the plan says {end - start}"
+                )
         if end > start:
-            data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-            mv = memoryview(data)
             pos = 0
             try:
                 while pos < len(mv):  # pwrite may write less than asked

@@ -31,7 +31,9 @@ from dataclasses import dataclass
 
 import torch
 
+from mergekit_fast import dtypes
 from mergekit_fast.config import ConfigError, NotSupportedError
+from mergekit_fast.dtypes import DType
 from mergekit_fast.io.model import ModelSource
 from mergekit_fast.moe.config import RANDOM_MODES, Expert, MoEConfig
 from mergekit_fast.plan import InputRef, OutputTensor
@@ -98,7 +100,7 @@ class BuildContext:
     config: MoEConfig
     sources: dict[str, ModelSource]  # model path -> opened source
     base_cfg: dict  # the base model's config.json
-    out_dtype: torch.dtype | None  # config dtype, else the base config's dtype, else None (keep)
+    out_dtype: DType | None  # config dtype, else the base config's dtype, else None (keep)
     router: torch.Tensor  # [L, E, H] routed-expert gate vectors (already in the output dtype)
     shared_router: torch.Tensor  # [L, S, H] shared-expert gate vectors (S = 0 when ungated)
     noise_seed: int  # base seed for noise_scale
@@ -126,7 +128,7 @@ class _Planner:
                 f"base_model: {ctx.base.path / 'config.json'} needs integer hidden_size and intermediate_size"
             )
 
-    def out_dtype(self, dtype: torch.dtype) -> torch.dtype:
+    def out_dtype(self, dtype: DType) -> DType:
         return self.ctx.out_dtype or dtype
 
     def info(self, model: str, name: str, where: str, *, shape=None):
@@ -139,7 +141,7 @@ class _Planner:
                 f"{where}: {info.file}: tensor {name!r} has shape {list(info.shape)}, expected {list(shape)} "
                 f"(hidden_size {self.hidden}, intermediate_size {self.inter} from the base model)"
             )
-        if not info.dtype.is_floating_point:
+        if not info.dtype.is_float:
             raise ConfigError(
                 f"{where}: {info.file}: tensor {name!r} has dtype {info.dtype}, not floating point"
             )
@@ -169,10 +171,9 @@ class _Planner:
 
     def constant(self, name: str, value: torch.Tensor) -> None:
         value = value.contiguous()
+        dt = dtypes.of(value.dtype)
         self.tensors.append(
-            OutputTensor(
-                name, tuple(value.shape), value.dtype, value.dtype, "moe_constant", (), (("value", value),)
-            )
+            OutputTensor(name, tuple(value.shape), dt, dt, "moe_constant", (), (("value", value),))
         )
 
     def expert_inputs(self, layer: int, experts: list[Expert], projs: tuple[str, ...]) -> list[tuple]:
@@ -190,10 +191,10 @@ class _Planner:
     def concat(self, name: str, shape: tuple[int, ...], items: list[tuple]) -> None:
         """Output = the inputs' elements one after another (the fused expert layout), each with its expert's
         noise_scale and residual_scale (down_proj only) applied in its own dtype, as mergekit does."""
-        dtypes = [info.dtype for _, info, _, _ in items]
-        in_dtype = dtypes[0]
-        for d in dtypes[1:]:
-            in_dtype = torch.promote_types(in_dtype, d)
+        in_dtypes = [info.dtype for _, info, _, _ in items]
+        in_dtype = in_dtypes[0]
+        for d in in_dtypes[1:]:
+            in_dtype = dtypes.promote(in_dtype, d)
         transforms = []
         for k, (_, _, e, proj) in enumerate(items):
             scale = e.residual_scale if proj == "down_proj" else None
@@ -203,8 +204,8 @@ class _Planner:
         params: list[tuple[str, object]] = [("shape", tuple(shape))]
         if any(t != (None, None, None) for t in transforms):
             params.append(("transforms", tuple(transforms)))
-            if len(set(dtypes)) > 1:
-                params.append(("math_dtypes", tuple(dtypes)))
+            if len(set(in_dtypes)) > 1:
+                params.append(("math_dtypes", tuple(d.torch for d in in_dtypes)))
         method = "concat" if len(params) == 1 else "moe_concat"
         self.tensors.append(
             OutputTensor(
@@ -256,7 +257,7 @@ class OutputArchitecture:
         return None
 
     # -- config.json
-    def out_config(self, base_cfg_path: str, config: MoEConfig, out_dtype: torch.dtype | None) -> dict:
+    def out_config(self, base_cfg_path: str, config: MoEConfig, out_dtype: DType | None) -> dict:
         """The output config.json, built with transformers' config classes exactly as mergekit does."""
         import transformers
 
@@ -274,7 +275,7 @@ class OutputArchitecture:
             out.num_local_experts = n
             out.num_experts_per_tok = k
             out.sliding_window = None
-            out.dtype = out_dtype
+            out.dtype = out_dtype.torch if out_dtype is not None else None
         elif self.name == "Qwen MoE":
             from transformers.models.qwen2_moe import Qwen2MoeConfig
 
@@ -289,7 +290,7 @@ class OutputArchitecture:
             out.shared_expert_intermediate_size = out.intermediate_size
             out.moe_intermediate_size = out.intermediate_size
             if out_dtype is not None:
-                out.dtype = out_dtype
+                out.dtype = out_dtype.torch
         elif self.name == "Qwen3 MoE":
             from transformers.models.qwen3_moe import Qwen3MoeConfig
 
@@ -301,7 +302,7 @@ class OutputArchitecture:
             out.norm_topk_prob = True
             out.moe_intermediate_size = out.intermediate_size
             if out_dtype is not None:
-                out.dtype = out_dtype
+                out.dtype = out_dtype.torch
         else:
             raise NotSupportedError(f"{self.name} output is not supported yet")
         if n & (n - 1):
@@ -355,8 +356,8 @@ class OutputArchitecture:
                     elif rest.endswith("_proj.bias"):
                         # qwen2_moe has q/k/v biases: zeros where the inputs have none (as mergekit).
                         w = p.info(cfg.base_model, name[: -len("bias")] + "weight", "base_model")
-                        dtype = ctx.out_dtype or torch.float32
-                        p.constant(name, torch.zeros(w.shape[0], dtype=dtype))
+                        dtype = ctx.out_dtype or dtypes.float32
+                        p.constant(name, torch.zeros(w.shape[0], dtype=dtype.torch))
                     else:
                         p.copy(name)
             for name in POST:

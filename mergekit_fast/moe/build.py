@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from mergekit_fast.config import ConfigError, dtype_from_name
+from mergekit_fast.dtypes import DType
 from mergekit_fast.engine import MergeError, MergeOptions, MergeResult, resolve_device, run_merge
 from mergekit_fast.io.model import ModelSource
 from mergekit_fast.moe import methods as _methods  # noqa: F401 - registers moe_concat / moe_constant
@@ -56,7 +57,7 @@ def _text_config(cfg: dict) -> dict:
     return cfg.get("text_config") or cfg
 
 
-def _out_dtype(config: MoEConfig, base_cfg: dict) -> torch.dtype | None:
+def _out_dtype(config: MoEConfig, base_cfg: dict) -> DType | None:
     """mergekit's select_dtype: the config's dtype, else the base config's (torch_)dtype, else None."""
     if config.dtype:
         return dtype_from_name(config.dtype)
@@ -148,7 +149,7 @@ def build_moe_plan(
         L, H = base.num_layers, base_cfg.get("hidden_size")
 
         def context(gates: torch.Tensor, seed: int) -> BuildContext:
-            g = gates if out_dtype is None else gates.to(out_dtype)
+            g = gates if out_dtype is None else gates.to(out_dtype.torch)
             return BuildContext(config, sources, base_cfg, out_dtype, g[:, :n_routed], g[:, n_routed:], seed)
 
         # A dry plan with placeholder gates checks every tensor before the gates cost anything.
@@ -213,6 +214,8 @@ def run_moe(
         raise MergeError(f"{out} exists; pass --force to replace it")
     if not out.parent.exists():
         raise MergeError(f"{out.parent}: the parent directory of the output does not exist")
+    if opt.threads:  # the gates run torch models outside the engine
+        torch.set_num_threads(opt.threads)
     tok_dir = tempfile.mkdtemp(prefix="mergekit_fast-moe-tokenizer-")
     try:
         plan = build_moe_plan(

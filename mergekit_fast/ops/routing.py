@@ -330,7 +330,7 @@ def routing_counts_ref(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tenso
 
 def _native_args(logits, bias, p: RoutingParams, w, ids):
     return (
-        _native.DTYPE_TAGS[logits.dtype],
+        _native.dtype_tag(logits.dtype),
         logits.data_ptr(),
         0 if bias is None else bias.data_ptr(),
         w.data_ptr(),

@@ -22,12 +22,11 @@ from collections.abc import Sequence
 import torch
 
 from mergekit_fast import _native, backends
-from mergekit_fast.ops import _verify
+from mergekit_fast.ops import SLERP_SEGMENT_MAX_NUMEL, _verify
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _CHUNK = 1 << 20
-# Tensors up to this many elements go through the segmented (one-launch, single-pass) GPU kernels.
-SEGMENT_MAX_NUMEL = 1 << 15
+SEGMENT_MAX_NUMEL = SLERP_SEGMENT_MAX_NUMEL
 
 # Tolerances for verify= and for the tests, in ulps of the output dtype measured against the
 # scale |c_a a| + |c_b b| (see _verify). Sources of difference from the reference:
@@ -150,25 +149,15 @@ def _check_out(out: torch.Tensor, a: torch.Tensor, where: str = "") -> None:
 
 
 def _run_cpp(ts, As, Bs, outs, eps, thr) -> None:
-    C = _native.C
-    threads = torch.get_num_threads()
     by_dtype: dict[torch.dtype, list[int]] = {}
     for i, a in enumerate(As):
         by_dtype.setdefault(a.dtype, []).append(i)
     for dtype, idx in by_dtype.items():
-        tag = _native.DTYPE_TAGS[dtype]
-        if len(idx) == 1:
-            i = idx[0]
-            C.slerp_cpu(tag, As[i].data_ptr(), Bs[i].data_ptr(), outs[i].data_ptr(), As[i].numel(),
-                        ts[i], eps, thr, threads)  # fmt: skip
-            continue
-        table = torch.tensor([[As[i].data_ptr(), Bs[i].data_ptr(), outs[i].data_ptr()] for i in idx],
-                             dtype=torch.int64)  # fmt: skip
-        table = table.t().contiguous()
-        numels = torch.tensor([As[i].numel() for i in idx], dtype=torch.int64)
-        tvals = torch.tensor([ts[i] for i in idx], dtype=torch.float64)
-        C.slerp_batched_cpu(tag, len(idx), table[0].data_ptr(), table[1].data_ptr(), table[2].data_ptr(),
-                            numels.data_ptr(), tvals.data_ptr(), eps, thr, threads)  # fmt: skip
+        _native.slerp_cpu_many(
+            _native.dtype_tag(dtype), [ts[i] for i in idx], [As[i].data_ptr() for i in idx],
+            [Bs[i].data_ptr() for i in idx], [outs[i].data_ptr() for i in idx], [As[i].numel() for i in idx],
+            eps, thr, torch.get_num_threads(),
+        )  # fmt: skip
 
 
 def _run_cuda(ts, As, Bs, outs, eps, thr) -> None:
@@ -182,7 +171,7 @@ def _run_cuda(ts, As, Bs, outs, eps, thr) -> None:
             small.setdefault(a.dtype, []).append(i)
             continue
         ws = torch.empty(C.slerp_cuda_workspace_bytes(n), dtype=torch.uint8, device=device)
-        C.slerp_cuda(_native.DTYPE_TAGS[a.dtype], a.data_ptr(), Bs[i].data_ptr(), outs[i].data_ptr(), n,
+        C.slerp_cuda(_native.dtype_tag(a.dtype), a.data_ptr(), Bs[i].data_ptr(), outs[i].data_ptr(), n,
                      ts[i], eps, thr, ws.data_ptr(), stream)  # fmt: skip
     for dtype, idx in small.items():
         # One pinned table (a, b, out pointers, numels, t as fp64 bits) and one asynchronous copy:
@@ -192,7 +181,7 @@ def _run_cuda(ts, As, Bs, outs, eps, thr) -> None:
                             dtype=torch.int64).t()  # fmt: skip
         host = torch.cat([host, tvals[None]]).contiguous().pin_memory()
         tab = host.to(device, non_blocking=True)
-        C.slerp_segments_cuda(_native.DTYPE_TAGS[dtype], len(idx), tab[0].data_ptr(), tab[1].data_ptr(),
+        C.slerp_segments_cuda(_native.dtype_tag(dtype), len(idx), tab[0].data_ptr(), tab[1].data_ptr(),
                               tab[2].data_ptr(), tab[3].data_ptr(), tab[4].data_ptr(), eps, thr, stream)  # fmt: skip
         tab.record_stream(torch.cuda.current_stream(device))  # keep it alive until the kernel has read it
 
