@@ -11,9 +11,10 @@ Three stages run at once, joined by bounded queues:
   writer (thread)   writes every tensor at its offset in its (preallocated) shard, releases the
                     input pages and returns the buffers to the pool.
 
-On the CPU, SLERP with no dtype conversion runs the native kernel straight on the mapped inputs
-and pooled output buffers, by address: such a merge never imports torch (2 s of a small merge).
-Everything else goes through torch (imported when first needed).
+On the CPU, SLERP with no dtype conversion runs the native kernel by address, from the mapped
+inputs straight into a shared mapping of the output shard (the loader maps both one job ahead; the
+writer then only drops the pages): no output buffer, no copy, and no torch -- such a merge never
+imports it (2 s of a small merge). Everything else goes through torch (imported when first needed).
 
 Memory is bounded by ``max_memory``: the buffer pool (outputs, and staged inputs on CUDA) never
 grows past it, so peak memory does not grow with the model. A single tensor larger than the
@@ -299,12 +300,13 @@ class Job:
     kind: str  # "copy" | "one" | "slerp_batch"
     tensors: list  # OutputTensor
     key: tuple = ()
-    native: bool = False  # SLERP by the native CPU kernel on raw addresses (no torch)
+    native: bool = False  # SLERP by the native CPU kernel, by address, into the output shard's mapping
     # filled by the loader / compute stages
     inputs: list = field(default_factory=list)  # per tensor: input tensors (native: addresses)
+    targets: list = field(default_factory=list)  # native: per tensor, its address in the output mapping
     staged: list = field(default_factory=list)  # pool buffers holding staged inputs (CUDA)
     event: object = None
-    outputs: list = field(default_factory=list)  # per tensor: host tensor (native: memoryview) to write
+    outputs: list = field(default_factory=list)  # per tensor: host tensor to write (native: none)
     out_bufs: list = field(default_factory=list)  # pool buffers holding outputs
     reserved: int = 0  # bytes of outputs held outside the pool, accounted in it
 
@@ -406,6 +408,7 @@ class _Pipeline:
             or t.method != "slerp"
             or t.in_dtype.native is None
             or t.out_dtype != t.in_dtype
+            or not self.writers[t.name][0].mappable
         ):
             return False
         tval = _params(t).get("t")
@@ -495,6 +498,8 @@ class _Pipeline:
                 ins.append(view)
                 views.append(view)
             job.inputs.append(ins)
+            if job.native:  # map (and zero) the output's pages here too
+                job.targets.append(self.writers[t.name][0].target(t.name))
         if not self.cuda:
             return
         torch = self._torch()
@@ -555,27 +560,24 @@ class _Pipeline:
         job.outputs.extend(results)
 
     def _compute_native(self, job: Job) -> None:
-        """SLERP into one pooled buffer by the native kernel: inputs and outputs by address."""
+        """SLERP by the native kernel, from the mapped inputs into the mapped output shard."""
         ts = job.tensors
-        sizes = [math.prod(t.shape) * t.in_dtype.itemsize for t in ts]
-        buf, offsets = _carve_bytes(self.out_pool, sizes)
-        job.out_bufs.append(buf)
-        base = _native.C.address(buf)
+        job.reserved = sum(math.prod(t.shape) * t.in_dtype.itemsize for t in ts)
+        self.out_pool.reserve(job.reserved)  # pages in flight until the writer drops them
         by_dtype: dict[object, list[int]] = {}
         for i, t in enumerate(ts):
             by_dtype.setdefault(t.in_dtype, []).append(i)
         for d, idx in by_dtype.items():
             _native.slerp_cpu_many(
                 d.native, [_params(ts[i])["t"] for i in idx], [job.inputs[i][0] for i in idx],
-                [job.inputs[i][1] for i in idx], [base + offsets[i] for i in idx],
+                [job.inputs[i][1] for i in idx], [job.targets[i] for i in idx],
                 [math.prod(ts[i].shape) for i in idx], SLERP_EPS, SLERP_DOT_THRESHOLD, self.threads,
             )  # fmt: skip
         self._release_inputs(job)
-        mv = memoryview(buf)
-        for t, off, n in zip(ts, offsets, sizes):
+        for t in ts:
             # A NaN/Inf input makes the coefficients, hence every element, NaN: one element tells.
-            self.finite_flags.append((t.name, n == 0 or t.in_dtype.first_is_finite(mv, off)))
-            job.outputs.append(mv[off : off + n])
+            first = self.writers[t.name][0].peek(t.name, t.in_dtype.itemsize)
+            self.finite_flags.append((t.name, not first or t.in_dtype.first_is_finite(first)))
 
     def _merge(self, job: Job) -> list:
         from mergekit_fast import methods
@@ -613,6 +615,8 @@ class _Pipeline:
                     shard, _ = self.writers[t.name]
                     if job.kind == "copy":
                         n = self._copy_raw(t, shard)
+                    elif job.native:
+                        n = shard.commit(t.name)
                     else:
                         n = shard.write(t.name, job.outputs[i])
                     with self.lock:
@@ -687,6 +691,7 @@ class _Pipeline:
         for buf in job.out_bufs:
             self.out_pool.release(buf)
         job.inputs.clear()
+        job.targets.clear()
         job.outputs.clear()
         job.staged.clear()
         job.out_bufs.clear()

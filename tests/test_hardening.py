@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -130,24 +131,54 @@ def test_unwritable_output(pair, tmp_path, capsys):
     assert rc == 2 and "cannot create the output there (Not a directory)" in capsys.readouterr().err
 
 
-def test_disk_full_cleans_up(pair, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("where", ["preallocate", "write"])
+def test_disk_full_cleans_up(pair, tmp_path, monkeypatch, capsys, where):
+    # A full disk shows when the shards are preallocated (before any work: the native path then
+    # writes through a mapping, which could only fail with SIGBUS), or in a later write (the
+    # torch path's pwrite, here after 5 writes).
     from mergekit_fast.io import safetensors as st
 
-    calls = {"n": 0}
-    real = os.pwrite
+    extra: tuple[str, ...] = ()
+    if where == "preallocate":
 
-    def failing_pwrite(fd, data, offset):
-        calls["n"] += 1
-        if calls["n"] > 5:
+        def no_space(fd, offset, length):
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(fd, data, offset)
 
-    monkeypatch.setattr(st.os, "pwrite", failing_pwrite)
-    monkeypatch.setattr("mergekit_fast.engine.os.copy_file_range", None, raising=False)
-    rc, out = _merge(tmp_path, *pair)
+        monkeypatch.setattr(st.os, "posix_fallocate", no_space)
+    else:
+        calls = {"n": 0}
+        real = os.pwrite
+
+        def failing_pwrite(fd, data, offset):
+            calls["n"] += 1
+            if calls["n"] > 5:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(fd, data, offset)
+
+        monkeypatch.setattr(st.os, "pwrite", failing_pwrite)
+        monkeypatch.setattr("mergekit_fast.engine.os.copy_file_range", None, raising=False)
+        extra = ("--backend", "torch")
+    rc, out = _merge(tmp_path, *pair, *extra)
     err = capsys.readouterr().err
     assert rc == 2 and "No space left on device" in err
     assert not out.exists() and _leftovers(tmp_path) == []
+
+
+def test_filesystem_without_fallocate_still_merges(pair, tmp_path, monkeypatch):
+    # No preallocation (EOPNOTSUPP): nothing is written through a mapping; pwrite gives the same bytes.
+    from mergekit_fast.io import safetensors as st
+
+    rc, out = _merge(tmp_path, *pair)
+    assert rc == 0
+    expected = {p.name: p.read_bytes() for p in out.glob("*.safetensors")}
+    shutil.rmtree(out)
+
+    def unsupported(fd, offset, length):
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    monkeypatch.setattr(st.os, "posix_fallocate", unsupported)
+    rc, out = _merge(tmp_path, *pair)
+    assert rc == 0 and {p.name: p.read_bytes() for p in out.glob("*.safetensors")} == expected
 
 
 # ----------------------------------------------------------------------------- interruption

@@ -3,7 +3,9 @@
 Reading maps the file and hands out zero-copy tensor views; ``release`` drops a range's pages from
 the process (madvise DONTNEED: the page cache keeps them), so resident memory stays bounded by what
 is in flight, not by the model. Writing lays the whole shard out up front (header first, file
-preallocated), then writes each tensor at its offset as soon as it is ready, in any order.
+preallocated: a full disk fails here, before any work), then writes each tensor at its offset as
+soon as it is ready, in any order: from a buffer (pwrite), or computed in place into a shared
+mapping of the shard (``target``, then ``commit``).
 
 Format: 8-byte little-endian header length N, N bytes of JSON
 ``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {str: str}}``, then the
@@ -12,6 +14,8 @@ data; offsets are relative to the end of the header.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
 import mmap
@@ -28,9 +32,9 @@ from mergekit_fast.dtypes import DType
 DTYPES: dict[str, DType] = dtypes.BY_CODE
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
-_MADV_POPULATE_READ = getattr(
-    mmap, "MADV_POPULATE_READ", 22
-)  # Linux value; Python 3.11 lacks the name  # the safetensors library's own limit
+# Linux values; Python 3.11 lacks the names.
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
+_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
 MAX_DIMS = 32
 
 
@@ -188,28 +192,14 @@ class ShardReader:
         info = self.tensors[name]
         if self._mm is None or info.nbytes == 0:
             return
-        start, length = self._page_range(info)
-        try:
-            self._mm.madvise(_MADV_POPULATE_READ, start, length)
-        except (AttributeError, OSError, ValueError):
-            pass
-
-    def _page_range(self, info: TensorInfo) -> tuple[int, int]:
-        page = mmap.PAGESIZE
-        start = info.start // page * page
-        end = min(len(self._mm), -(-info.end // page) * page)
-        return start, end - start
+        _madvise(self._mm, _MADV_POPULATE_READ, info.start, info.end)
 
     def release(self, name: str) -> None:
         """Drop the tensor's pages from this process (they stay in the page cache)."""
         info = self.tensors[name]
         if self._mm is None or info.nbytes == 0:
             return
-        start, length = self._page_range(info)
-        try:
-            self._mm.madvise(mmap.MADV_DONTNEED, start, length)
-        except (AttributeError, OSError, ValueError):
-            pass
+        _madvise(self._mm, mmap.MADV_DONTNEED, info.start, info.end)
 
     def close(self) -> None:
         if self._mm is not None:
@@ -226,6 +216,35 @@ class ShardReader:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _page_range(mm: mmap.mmap, start: int, end: int) -> tuple[int, int]:
+    page = mmap.PAGESIZE
+    first = start // page * page
+    return first, min(len(mm), -(-end // page) * page) - first
+
+
+def _madvise(mm: mmap.mmap, advice: int, start: int, end: int) -> None:
+    """madvise over the pages of [start, end); a no-op where the kernel lacks the advice."""
+    try:
+        mm.madvise(advice, *_page_range(mm, start, end))
+    except (AttributeError, OSError, ValueError):
+        pass
+
+
+def _preallocate(fd: int, size: int) -> None:
+    """Reserve the file's blocks, so that a full disk fails now and never as a SIGBUS in a mapping."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+        os.ftruncate(fd, size)  # a filesystem without fallocate: only pwrite is used (mapped is False)
+        raise _NoPreallocation from None
+
+
+class _NoPreallocation(Exception):
+    pass
 
 
 def layout(entries: list[tuple[str, DType, tuple[int, ...]]], metadata: dict[str, str] | None = None):
@@ -260,14 +279,49 @@ class ShardWriter:
         self.path = Path(path)
         header, self.offsets, self.size = layout(entries, metadata)
         self._shapes = {name: (dtypes.of(dtype), tuple(shape)) for name, dtype, shape in entries}
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         self.written: set[str] = set()
+        self._mm: mmap.mmap | None = None
+        self._base = 0
+        self.mappable = True  # blocks reserved: tensors may be computed in place (target/commit)
         try:
             os.pwrite(self._fd, header, 0)
-            os.ftruncate(self._fd, self.size)
+            try:
+                _preallocate(self._fd, self.size)
+            except _NoPreallocation:
+                self.mappable = False
         except OSError:
             self.abort()
             raise
+
+    def target(self, name: str) -> int:
+        """The address where tensor ``name``'s bytes go, in a shared mapping of the shard, with its
+        pages mapped now (on the calling thread). Write them, then ``commit(name)``."""
+        if not self.mappable:
+            raise RuntimeError(f"{self.path}: the shard cannot be written through a mapping")
+        if self._mm is None:
+            from mergekit_fast import _native
+
+            self._mm = mmap.mmap(self._fd, self.size)
+            self._base = _native.C.address(self._mm)
+        start, end = self.offsets[name]
+        if end > start:
+            _madvise(self._mm, _MADV_POPULATE_WRITE, start, end)
+        return self._base + start
+
+    def peek(self, name: str, nbytes: int) -> bytes:
+        """The first ``nbytes`` of a ``target``-ed tensor (read before ``commit``)."""
+        start, end = self.offsets[name]
+        return self._mm[start : min(end, start + nbytes)]
+
+    def commit(self, name: str) -> int:
+        """Tensor ``name`` was written through ``target``: count it, and drop its pages from this
+        process (the page cache keeps and writes them back)."""
+        start, end = self.offsets[name]
+        if end > start:
+            _madvise(self._mm, mmap.MADV_DONTNEED, start, end)
+        self.written.add(name)
+        return end - start
 
     def write(self, name: str, tensor) -> int:
         """Write a torch tensor of the planned dtype and shape, or a buffer of exactly its bytes."""
@@ -310,12 +364,20 @@ class ShardWriter:
             raise RuntimeError(
                 f"{self.path.name}: closed before all tensors were written (missing {missing})"
             )
+        self._unmap()
         if fsync:
             os.fsync(self._fd)
         os.close(self._fd)
         self._fd = None
 
+    def _unmap(self) -> None:
+        if self._mm is not None:
+            with contextlib.suppress(BufferError):  # a view still alive: unmapped when it goes
+                self._mm.close()
+            self._mm = None
+
     def abort(self) -> None:
+        self._unmap()
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
