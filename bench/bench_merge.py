@@ -74,6 +74,9 @@ def main(argv=None) -> int:
     p.add_argument("--size", choices=sorted(SIZES), default=None)
     p.add_argument("--method", choices=["slerp", "dus"], default="slerp")
     p.add_argument("--runs", type=int, default=None, help="runs per tool (default 3, quick 1)")
+    p.add_argument(
+        "--warmup", type=int, default=None, help="untimed runs per tool first (default 1, quick 0)"
+    )
     p.add_argument("--device", default="cpu", help="mergekit-fast's --device (mergekit runs on the CPU)")
     p.add_argument("--skip-mergekit", action="store_true")
     p.add_argument(
@@ -84,6 +87,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     size = args.size or ("0.1b" if args.quick else "0.85b")
     runs = args.runs or (1 if args.quick else 3)
+    args.warmup = args.warmup if args.warmup is not None else (0 if args.quick else 1)
     a, b, n = models(size, args.synthetic)
     bindir = Path(sys.executable).parent
     work = Path(tempfile.mkdtemp(prefix="mkf-bench-"))
@@ -101,18 +105,11 @@ def main(argv=None) -> int:
         # without, 2026-11-29), and DUS needs it anyway (duplicated layers share storage).
         tools["mergekit"] = [str(bindir / "mergekit-yaml"), str(cfg), str(work / "out_mk"), "--no-write-model-card",
                              "--clone-tensors", "--quiet"]  # fmt: skip
-    env = {"HF_HUB_OFFLINE": "1"}
-    results: dict[str, list[tuple[float, int]]] = {t: [] for t in tools}
+    outs = {"mergekit_fast": work / "out_fast", "mergekit": work / "out_mk"}
     try:
-        for r in range(runs):
-            for tool, cmd in tools.items():
-                for out in ("out_fast", "out_mk"):
-                    shutil.rmtree(work / out, ignore_errors=True)
-                sec, rss = common.run_measured(cmd, env=env)
-                results[tool].append((sec, rss))
-                print(
-                    f"run {r + 1}/{runs} {tool:14s} {sec:8.2f} s  peak RSS {rss / 2**30:6.2f} GiB", flush=True
-                )
+        results = common.alternate(
+            {t: (cmd, outs[t]) for t, cmd in tools.items()}, runs, args.warmup, env={"HF_HUB_OFFLINE": "1"}
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     size_bytes = sum(f.stat().st_size for f in a.glob("*.safetensors"))

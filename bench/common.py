@@ -12,6 +12,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import shutil
 import socket
 import statistics
 import subprocess
@@ -168,6 +169,28 @@ def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, int]:
     raise RuntimeError(f"{' '.join(cmd)}: no measurement:\n{proc.stderr[-3000:]}")
 
 
+def alternate(tools: dict[str, tuple[list[str], Path]], runs: int, warmup: int = 1, env: dict | None = None,
+              after=None) -> dict[str, list[tuple[float, int]]]:  # fmt: skip
+    """Run each tool's command ``runs`` times, alternating between the tools, each in a fresh process;
+    {tool: [(seconds, peak RSS bytes)]}. ``tools`` maps a name to (command, its output directory),
+    which is removed before every run. ``warmup`` untimed runs per tool come first (the first run
+    after a pause is often slow for either tool: page cache, CPU clocks). ``after(tool, out)`` is
+    called after each timed run."""
+    results: dict[str, list[tuple[float, int]]] = {t: [] for t in tools}
+    for r in range(-warmup, runs):
+        for tool, (cmd, out) in tools.items():
+            for _, other in tools.values():
+                shutil.rmtree(other, ignore_errors=True)
+            sec, rss = run_measured(cmd, env=env)
+            label = "warm-up" if r < 0 else f"run {r + 1}/{runs}"
+            print(f"{label:9s} {tool:14s} {sec:8.2f} s  peak RSS {rss / 2**30:6.2f} GiB", flush=True)
+            if r >= 0:
+                results[tool].append((sec, rss))
+                if after is not None:
+                    after(tool, out)
+    return results
+
+
 def cached_model(name: str, **kw) -> Path:
     """A random model built once with mergekit_fast.testing.make_model under bench/cache/."""
     from mergekit_fast.testing import make_model
@@ -176,8 +199,6 @@ def cached_model(name: str, **kw) -> Path:
     if not (path / "config.json").exists():
         print(f"building benchmark model {name} (once; cached in {path})")
         tmp = path.with_name(path.name + ".partial")
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
         make_model(tmp, **kw)
         shutil.rmtree(path, ignore_errors=True)
