@@ -382,7 +382,9 @@ class _Pipeline:
         self.device = device  # "cpu" or a CUDA torch.device
         self.cuda = device != "cpu"
         self.native_slerp = not self.cuda and _native_slerp_available(options.backend)
-        self.threads = options.threads or len(os.sched_getaffinity(0))
+        self.threads = options.threads or (
+            len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        )
         self._torch_ready = False
         self.progress = progress
         # Separate pools for staged inputs (CUDA) and outputs, and one acquire per job and pool:

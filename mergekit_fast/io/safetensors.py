@@ -236,10 +236,10 @@ def _preallocate(fd: int, size: int) -> None:
     """Reserve the file's blocks, so that a full disk fails now and never as a SIGBUS in a mapping."""
     try:
         os.posix_fallocate(fd, 0, size)
-    except OSError as exc:
-        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+    except (OSError, AttributeError) as exc:  # AttributeError: no posix_fallocate on this OS
+        if isinstance(exc, OSError) and exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
             raise
-        os.ftruncate(fd, size)  # a filesystem without fallocate: only pwrite is used (mapped is False)
+        os.ftruncate(fd, size)  # no preallocation: only pwrite is used (mappable is False)
         raise _NoPreallocation from None
 
 
