@@ -269,19 +269,14 @@ def _all_finite(x):
     return torch.isfinite(lo) & torch.isfinite(hi)
 
 
-def _carve_bytes(pool: BufferPool, sizes: list[int]) -> tuple[object, list[int]]:
-    """One pool buffer holding pieces of the given byte sizes, each 64-byte aligned: (buffer, offsets)."""
-    offsets, total = [], 0
-    for n in sizes:
-        offsets.append(total)
-        total += -(-n // 64) * 64
-    return pool.acquire(total), offsets
-
-
 def _carve(pool: BufferPool, specs: list[tuple]) -> tuple[object, list]:
     """One pool buffer holding torch tensors of the given (dtype, shape), each 64-byte aligned."""
+    offsets, total = [], 0
     specs = [(dtypes.of(d), tuple(s)) for d, s in specs]
-    buf, offsets = _carve_bytes(pool, [math.prod(s) * d.itemsize for d, s in specs])
+    for d, s in specs:
+        offsets.append(total)
+        total += -(-(math.prod(s) * d.itemsize) // 64) * 64
+    buf = pool.acquire(total)
     flat = _bytes(buf)
     views = [
         flat[off : off + math.prod(s) * d.itemsize].view(d.torch).view(s)
@@ -429,11 +424,6 @@ class _Pipeline:
         return torch
 
     # -- helpers
-    def _source_view(self, ref):
-        src: ModelSource = self.plan.sources[ref.model]
-        info = src.tensors[ref.tensor]
-        return src, info, src.reader(info.file).view(ref.tensor)
-
     def _fail(self, exc: BaseException) -> None:
         with self.lock:
             if self.error is None:
