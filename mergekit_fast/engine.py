@@ -47,7 +47,7 @@ from pathlib import Path
 from mergekit_fast import _native, backends, dtypes
 from mergekit_fast.io.model import ModelSource
 from mergekit_fast.io.safetensors import ShardWriter, itemsize
-from mergekit_fast.ops import SLERP_DOT_THRESHOLD, SLERP_EPS
+from mergekit_fast.ops import SLERP_DOT_THRESHOLD, SLERP_EPS, check_slerp_t, verify_requested
 from mergekit_fast.ops import SLERP_SEGMENT_MAX_NUMEL as SEGMENT_MAX_NUMEL
 
 log = logging.getLogger("mergekit_fast")
@@ -360,7 +360,7 @@ def make_jobs(plan) -> list[Job]:
 
 def _native_slerp_available(backend: str) -> bool:
     """Whether SLERP on CPU tensors would run the native kernel (and no cross-check is asked for)."""
-    if _native.C is None or os.environ.get("MERGEKIT_FAST_VERIFY", "") not in ("", "0"):
+    if _native.C is None or verify_requested():
         return False
     try:
         return backends.select("slerp", "cpu", backend) == "cpp"
@@ -408,9 +408,6 @@ class _Pipeline:
             or not self.writers[t.name][0].mappable
         ):
             return False
-        tval = _params(t).get("t")
-        if not isinstance(tval, (int, float)) or not 0.0 <= tval <= 1.0:
-            return False  # the torch path's op raises its error
         return all(self.plan.sources[r.model].tensors[r.tensor].dtype == t.in_dtype for r in t.inputs)
 
     def _torch(self):
@@ -561,7 +558,7 @@ class _Pipeline:
             by_dtype.setdefault(t.in_dtype, []).append(i)
         for d, idx in by_dtype.items():
             _native.slerp_cpu_many(
-                d.native, [_params(ts[i])["t"] for i in idx], [job.inputs[i][0] for i in idx],
+                d.native, [check_slerp_t(_params(ts[i])["t"], f"t of {ts[i].name}") for i in idx], [job.inputs[i][0] for i in idx],
                 [job.inputs[i][1] for i in idx], [job.targets[i] for i in idx],
                 [math.prod(ts[i].shape) for i in idx], SLERP_EPS, SLERP_DOT_THRESHOLD, self.threads,
             )  # fmt: skip

@@ -341,3 +341,15 @@ def test_cpu_slerp_merge_does_not_import_torch(models, tmp_path):
     assert proc.stdout.split() == ["0", "False"], proc.stderr
     # The merge in that process is complete.
     assert read_model(tmp_path / "out").keys() == read_model(models["a"]).keys()
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])  # the native CPU path, and the op's own check
+def test_slerp_t_out_of_range_is_refused(models, tmp_path, capsys, backend):
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(SLERP_GRADIENT.format(a=models["a"], b=models["b"]).replace("value: 0.5", "value: 1.5"))
+    out = tmp_path / "out"
+    rc = cli.main(
+        ["merge", str(cfg), str(out), "--no-progress", "-q", "--device", "cpu", "--backend", backend]
+    )
+    assert rc == 2 and "must be in [0, 1], got 1.5" in capsys.readouterr().err
+    assert not out.exists()

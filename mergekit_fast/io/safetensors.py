@@ -232,19 +232,17 @@ def _madvise(mm: mmap.mmap, advice: int, start: int, end: int) -> None:
         pass
 
 
-def _preallocate(fd: int, size: int) -> None:
-    """Reserve the file's blocks, so that a full disk fails now and never as a SIGBUS in a mapping."""
+def _preallocate(fd: int, size: int) -> bool:
+    """Size the file and reserve its blocks, so that a full disk fails now and never as a SIGBUS in
+    a mapping. False where the filesystem (or OS) cannot reserve: the file is only sized."""
     try:
         os.posix_fallocate(fd, 0, size)
+        return True
     except (OSError, AttributeError) as exc:  # AttributeError: no posix_fallocate on this OS
         if isinstance(exc, OSError) and exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
             raise
-        os.ftruncate(fd, size)  # no preallocation: only pwrite is used (mappable is False)
-        raise _NoPreallocation from None
-
-
-class _NoPreallocation(Exception):
-    pass
+    os.ftruncate(fd, size)
+    return False
 
 
 def layout(entries: list[tuple[str, DType, tuple[int, ...]]], metadata: dict[str, str] | None = None):
@@ -283,13 +281,10 @@ class ShardWriter:
         self.written: set[str] = set()
         self._mm: mmap.mmap | None = None
         self._base = 0
-        self.mappable = True  # blocks reserved: tensors may be computed in place (target/commit)
         try:
             os.pwrite(self._fd, header, 0)
-            try:
-                _preallocate(self._fd, self.size)
-            except _NoPreallocation:
-                self.mappable = False
+            # Blocks reserved: tensors may be computed in place (target/commit); else pwrite only.
+            self.mappable = _preallocate(self._fd, self.size)
         except OSError:
             self.abort()
             raise

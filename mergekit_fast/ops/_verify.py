@@ -8,9 +8,9 @@ terms carries the rounding error of those terms.
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from mergekit_fast.ops import verify_requested
 
 MANTISSA_BITS = {torch.float64: 52, torch.float32: 23, torch.float16: 10, torch.bfloat16: 7}
 MIN_EXP = {torch.float64: -1022, torch.float32: -126, torch.float16: -14, torch.bfloat16: -126}
@@ -20,8 +20,7 @@ class VerificationError(AssertionError):
     """A backend's result disagrees with the torch reference beyond the dtype's tolerance."""
 
 
-def verify_enabled(flag: bool) -> bool:
-    return flag or os.environ.get("MERGEKIT_FAST_VERIFY", "") not in ("", "0")
+verify_enabled = verify_requested  # verify= or MERGEKIT_FAST_VERIFY=1
 
 
 def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import torch
 
 from mergekit_fast import _native, backends
-from mergekit_fast.ops import SLERP_SEGMENT_MAX_NUMEL, _verify
+from mergekit_fast.ops import SLERP_SEGMENT_MAX_NUMEL, _verify, check_slerp_t
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _CHUNK = 1 << 20
@@ -109,13 +109,7 @@ def _check_t(t, where: str = "t") -> float:
         if t.numel() != 1:
             raise ValueError(f"slerp: {where} must be a scalar, got a tensor of shape {tuple(t.shape)}")
         t = t.item()
-    try:
-        t = float(t)
-    except (TypeError, ValueError):
-        raise ValueError(f"slerp: {where} must be a number, got {t!r}") from None
-    if math.isnan(t) or not 0.0 <= t <= 1.0:
-        raise ValueError(f"slerp: {where} must be in [0, 1], got {t}")
-    return t
+    return check_slerp_t(t, where)
 
 
 def _check_pair(a: torch.Tensor, b: torch.Tensor, where: str = "") -> None:
