@@ -10,9 +10,12 @@ from __future__ import annotations
 import argparse
 import logging
 import re
+import signal
 import sys
+import time
 from pathlib import Path
 
+_T0 = time.perf_counter()  # the run's start, for the summary's time (imports and planning included)
 log = logging.getLogger("mergekit_fast")
 
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kKmMbBgGtT]?)(i?[bB])?\s*$")
@@ -47,35 +50,119 @@ def _verify_arg(text: str) -> int:
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", help="auto (GPU when visible), cpu, cuda or cuda:N")
+    p.add_argument("--device", default=None, help="auto (GPU when visible; the default), cpu, cuda or cuda:N")
     p.add_argument("--out-shard-size", type=parse_size, default=parse_size("5B"),
                    help="bytes per output shard, mergekit syntax (5B = 5e9, 500M, 100K)")  # fmt: skip
     p.add_argument("--max-memory", type=lambda s: parse_size(s, binary_suffixes=True), default=4 << 30,
                    help="budget for buffers in flight (default 4G); peak memory stays near it")  # fmt: skip
-    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--force", action="store_true",
+                   help="replace OUT if it holds an earlier merge output (never an input model)")  # fmt: skip
+    p.add_argument("--force-unrecognized", action="store_true",
+                   help="with --force: replace OUT even if it does not look like a merge output")  # fmt: skip
     p.add_argument("--verify", type=_verify_arg, default=0, metavar="N|all",
                    help="cross-check N sampled tensors (or all) against the torch reference on the CPU")  # fmt: skip
     p.add_argument("--backend", default="auto", choices=["auto", "cuda", "triton", "cpp", "torch"])
-    p.add_argument("--copy-tokenizer", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--write-model-card", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--copy-tokenizer", action=argparse.BooleanOptionalAction, default=True,
+                   help="copy the tokenizer to the output (default: yes)")  # fmt: skip
+    p.add_argument("--write-model-card", action=argparse.BooleanOptionalAction, default=True,
+                   help="write README.md and the merge config (default: yes)")  # fmt: skip
     p.add_argument(
         "--strict", action="store_true", help="NaN/Inf in a merged tensor is an error, not a warning"
     )
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar (default: only on a terminal)")  # fmt: skip
     p.add_argument("-j", "--num-threads", type=int, default=None, help="CPU threads for the kernels")
+    p.add_argument("--random-seed", type=int, default=None,
+                   help="seed of the random draws (MoE random gates and noise)")  # fmt: skip
     p.add_argument("-v", "--verbose", action="count", default=0)
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("-q", "--quiet", action=argparse.BooleanOptionalAction, default=False,
+                   help="no progress bar, no summary")  # fmt: skip
+    _add_mergekit_flags(p)
+
+
+# ----------------------------------------------------------------------------- mergekit's flags
+
+# mergekit 0.1.5's merge options (mergekit/options.py) that mergekit_fast takes with mergekit's meaning
+# (--device, --out-shard-size, -j, --copy-tokenizer, --write-model-card, --random-seed, -v, --quiet:
+# above; --cuda, --gpu-rich, --allow-crimes, --trust-remote-code: below), and the ones that change
+# nothing here, with the reason printed once when given.
+_NO_EFFECT_SWITCHES = {
+    "lazy-unpickle": "only safetensors inputs are read; pickles are refused",
+    "low-cpu-memory": "memory is bounded by --max-memory whatever the device",
+    "clone-tensors": "duplicated layers never share storage here",
+    "async-write": "writing always overlaps compute",
+    "read-to-gpu": "on a GPU, inputs are always staged to it through pinned buffers",
+    "multi-gpu": "one GPU is used",
+    "unsafe-truncate-embeddings": "vocabularies must match here: embeddings are never truncated",
+}
+_NO_EFFECT_VALUES = {
+    "transformers-cache": "models must be local directories",
+    "lora-merge-cache": "LoRA references (model+lora) are not supported yet",
+    "lora-merge-dtype": "LoRA references (model+lora) are not supported yet",
+    "write-threads": "one writer thread writes every shard in place",
+}
+_MOE_NO_EFFECT = {
+    "load-in-4bit": "the gate model runs in bf16",
+    "load-in-8bit": "the gate model runs in bf16",
+}
+
+
+def _add_mergekit_flags(p: argparse.ArgumentParser, moe: bool = False) -> None:
+    g = p.add_argument_group(
+        "mergekit-yaml's flags",
+        "accepted with mergekit 0.1.5's meaning, or with a note that they change nothing",
+    )
+    g.add_argument("--cuda", action=argparse.BooleanOptionalAction, default=None,
+                   help="--cuda: --device cuda; --no-cuda: --device cpu")  # fmt: skip
+    g.add_argument(
+        "--gpu-rich", action="store_true", help="as --cuda (the rest of mergekit's alias has no effect)"
+    )
+    g.add_argument("--allow-crimes", action=argparse.BooleanOptionalAction, default=False,
+                   help="allow mixing architectures mergekit defines separately")  # fmt: skip
+    g.add_argument("--trust-remote-code", action=argparse.BooleanOptionalAction, default=False,
+                   help="let transformers run a model's own code when it loads a config or the gate model")  # fmt: skip
+    g.add_argument("--safe-serialization", action=argparse.BooleanOptionalAction, default=True,
+                   help="output is always safetensors; --no-safe-serialization is refused")  # fmt: skip
+    for name, why in _NO_EFFECT_SWITCHES.items():
+        g.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=None,
+                       dest=f"mk_{name.replace('-', '_')}", help=f"no effect: {why}")  # fmt: skip
+    for name, why in _NO_EFFECT_VALUES.items():
+        g.add_argument(f"--{name}", default=None, metavar="X", dest=f"mk_{name.replace('-', '_')}",
+                       help=f"no effect: {why}")  # fmt: skip
+
+
+def _notes(args) -> None:
+    """One line per given mergekit flag that changes nothing here."""
+    table = {**_NO_EFFECT_SWITCHES, **_NO_EFFECT_VALUES, **_MOE_NO_EFFECT}
+    for name, why in table.items():
+        value = getattr(args, f"mk_{name.replace('-', '_')}", None)
+        if value is not None:
+            flag = f"--{name}" if value is not False else f"--no-{name}"
+            print(f"mergekit-fast: note: {flag} changes nothing here ({why})", file=sys.stderr)
+    if getattr(args, "gpu_rich", False):
+        print("mergekit-fast: note: --gpu-rich is --device cuda here (the other flags it implies change "
+              "nothing)", file=sys.stderr)  # fmt: skip
+
+
+def _device(args) -> str:
+    if args.device:
+        return args.device
+    if getattr(args, "gpu_rich", False) or getattr(args, "cuda", None):
+        return "cuda"
+    if getattr(args, "cuda", None) is False:
+        return "cpu"
+    return "auto"
 
 
 def _options(args):
     from mergekit_fast.engine import MergeOptions
 
     return MergeOptions(
-        device=args.device,
+        device=_device(args),
         out_shard_size=args.out_shard_size,
         max_memory=args.max_memory,
         force=args.force,
+        force_unrecognized=args.force_unrecognized,
         verify=args.verify,
         backend=args.backend,
         copy_tokenizer=args.copy_tokenizer,
@@ -83,6 +170,9 @@ def _options(args):
         strict=args.strict,
         progress=False if args.quiet else args.progress,
         threads=args.num_threads or 0,
+        random_seed=args.random_seed,
+        allow_crimes=args.allow_crimes,
+        trust_remote_code=args.trust_remote_code,
     )
 
 
@@ -93,6 +183,17 @@ def _setup(args) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     if args.num_threads is not None and args.num_threads < 1:
         raise ValueError(f"--num-threads must be at least 1, got {args.num_threads}")
+    if getattr(args, "safe_serialization", True) is False:
+        raise _UsageError(
+            "--no-safe-serialization: output is always safetensors (pickled .bin is never written)"
+        )
+    if getattr(args, "force_unrecognized", False) and not args.force:
+        raise _UsageError("--force-unrecognized goes with --force")
+    _notes(args)
+
+
+class _UsageError(ValueError):
+    """A flag combination that cannot be served (exit 2, like argparse's usage errors)."""
 
 
 def _run_config(config_source, out: str, args) -> int:
@@ -100,9 +201,11 @@ def _run_config(config_source, out: str, args) -> int:
     from mergekit_fast.engine import run_merge
     from mergekit_fast.plan import build_plan
 
+    t0 = time.perf_counter()
     config = load_config(config_source) if isinstance(config_source, Path) else parse_config(config_source)
-    plan = build_plan(config)
-    result = run_merge(plan, out, _options(args))
+    opt = _options(args)
+    plan = build_plan(config, allow_crimes=opt.allow_crimes, trust_remote_code=opt.trust_remote_code)
+    result = run_merge(plan, out, opt, started=_T0, phases={"plan": time.perf_counter() - t0})
     if not args.quiet:
         print(result.summary())
     return 0
@@ -149,9 +252,16 @@ def cmd_dus(args) -> int:
 
 
 def cmd_moe(args) -> int:
-    from mergekit_fast.moe.build import run_moe_cli
+    from mergekit_fast.moe.build import run_moe
 
-    return run_moe_cli(args)
+    path = Path(args.config)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such config file")
+    result = run_moe(path, args.out, _options(args), allow_same=args.allow_same, random_seed=args.random_seed,
+                     started=_T0)  # fmt: skip
+    if not args.quiet:
+        print(result.summary())
+    return 0
 
 
 def cmd_info(args) -> int:
@@ -171,17 +281,37 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _configure_merge(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("config", help="a mergekit YAML merge config")
+    p.add_argument("out", help="the output model directory")
+    _add_common(p)
+    p.set_defaults(func=cmd_merge)
+    return p
+
+
+def _configure_moe(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("config", help="a mergekit-moe YAML config")
+    p.add_argument("out", help="the output model directory")
+    p.add_argument(
+        "--i-understand-this-is-not-useful-without-training", action="store_true", dest="allow_same",
+        help="build even when every expert is the same model (mergekit-moe's flag)",
+    )  # fmt: skip
+    _add_common(p)
+    g = next(g for g in p._action_groups if g.title == "mergekit-yaml's flags")
+    for name, why in _MOE_NO_EFFECT.items():
+        g.add_argument(f"--{name}", action="store_const", const=True, default=None,
+                       dest=f"mk_{name.replace('-', '_')}", help=f"no effect: {why}")  # fmt: skip
+    p.set_defaults(func=cmd_moe)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mergekit-fast", description="Fast, memory-bounded, mergekit-compatible merging."
     )
     sub = p.add_subparsers(dest="command", required=True)
 
-    m = sub.add_parser("merge", help="run a mergekit YAML config (slerp, linear, passthrough/DUS)")
-    m.add_argument("config")
-    m.add_argument("out")
-    _add_common(m)
-    m.set_defaults(func=cmd_merge)
+    _configure_merge(sub.add_parser("merge", help="run a mergekit YAML config (mergekit-yaml)"))
 
     d = sub.add_parser(
         "dus", help="SOLAR depth up-scaling: stack two copies of MODEL, dropping N layers at the seam"
@@ -193,17 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(d)
     d.set_defaults(func=cmd_dus)
 
-    e = sub.add_parser(
+    _configure_moe(sub.add_parser(
         "moe", help="build a Mixtral / Qwen-MoE model from dense experts (mergekit-moe config)"
-    )
-    e.add_argument("config")
-    e.add_argument("out")
-    e.add_argument("--random-seed", type=int, default=None)
-    e.add_argument(
-        "--i-understand-this-is-not-useful-without-training", action="store_true", dest="allow_same"
-    )
-    _add_common(e)
-    e.set_defaults(func=cmd_moe)
+    ))  # fmt: skip
 
     b = sub.add_parser("bench", help="run the benchmark suite (bench/run_all.py)")
     b.add_argument("--quick", action="store_true")
@@ -216,21 +338,62 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# ----------------------------------------------------------------------------- signals and exit codes
+
+_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
+
+
+class _SignalsEndTheRun:
+    """SIGINT, SIGTERM and SIGHUP raise ``Interrupted`` in the main thread, once: the merge then unwinds
+    like a Ctrl-C (temporary directory removed) and the process exits 128 + the signal's number. Later
+    signals are ignored while cleaning up, so a second Ctrl-C cannot leave debris (SIGKILL still ends it)."""
+
+    def __enter__(self):
+        import threading
+
+        self.saved = {}
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        self.fired = False
+        for sig in _SIGNALS:
+            try:
+                self.saved[sig] = signal.signal(sig, self._handle)
+            except (OSError, ValueError):
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        from mergekit_fast.errors import Interrupted
+
+        if self.fired:
+            return
+        self.fired = True
+        raise Interrupted(signum)
+
+    def __exit__(self, *exc):
+        for sig, old in self.saved.items():
+            signal.signal(sig, old)
+        return False
+
+
 def _dispatch(args) -> int:
     from mergekit_fast.backends import BackendUnavailable
-    from mergekit_fast.engine import MergeError
+    from mergekit_fast.errors import MergeError
 
-    _setup(args)
-    try:
-        return args.func(args)
-    except KeyboardInterrupt:
-        print("mergekit-fast: interrupted; no output was written", file=sys.stderr)
-        return 130
-    except (ValueError, OSError, MergeError, BackendUnavailable) as exc:
-        if args.verbose:
-            raise
-        print(f"mergekit-fast: error: {exc}", file=sys.stderr)
-        return 2
+    with _SignalsEndTheRun():
+        try:
+            _setup(args)
+            return args.func(args)
+        except KeyboardInterrupt as exc:
+            signum = getattr(exc, "signum", signal.SIGINT)
+            name = signal.Signals(signum).name
+            print(f"mergekit-fast: interrupted ({name}); no output was written", file=sys.stderr)
+            return 128 + int(signum)
+        except (ValueError, OSError, MergeError, BackendUnavailable) as exc:
+            if args.verbose:
+                raise
+            print(f"mergekit-fast: error: {exc}", file=sys.stderr)
+            return 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -240,79 +403,29 @@ def main(argv: list[str] | None = None) -> int:
 
 # ----------------------------------------------------------------------------- mergekit aliases
 
-# mergekit-yaml flags with no effect here, and why (printed once when used).
-_IGNORED_FLAGS = {
-    "--lazy-unpickle": "only safetensors inputs are read",
-    "--low-cpu-memory": "memory is bounded by --max-memory",
-    "--clone-tensors": "duplicated layers never share storage here",
-    "--async-write": "writing always overlaps compute",
-    "--no-async-write": "writing always overlaps compute",
-    "--multi-gpu": "one GPU is used",
-    "--read-to-gpu": "inputs are always staged through pinned buffers",
-    "--trust-remote-code": "no model code is run for merges",
-    "--allow-crimes": "architectures are checked by tensor names and shapes",
-    "--unsafe-truncate-embeddings": "not supported yet: vocabularies must match",
-    "--safe-serialization": "output is always safetensors",
-}
-_IGNORED_WITH_VALUE = {
-    "--write-threads": "writing uses one thread",
-    "--transformers-cache": "models must be local",
-    "--lora-merge-cache": "LoRA references are not supported yet",
-    "--lora-merge-dtype": "LoRA references are not supported yet",
-    "--random-seed": "no merge method here is random",
-}
-
-
-def _translate_mergekit_args(argv: list[str], keep: tuple[str, ...] = ()) -> list[str]:
-    out: list[str] = []
-    it = iter(argv)
-    for a in it:
-        flag, eq, value = a.partition("=")
-        if a in ("--cuda",):
-            out += ["--device", "cuda"]
-        elif a == "--no-cuda":
-            out += ["--device", "cpu"]
-        elif a == "--gpu-rich":
-            out += ["--device", "cuda"]
-            print("mergekit-fast: note: --gpu-rich -> --device cuda", file=sys.stderr)
-        elif a == "--no-safe-serialization":
-            raise SystemExit(
-                "mergekit-fast: error: --no-safe-serialization: only safetensors output is supported"
-            )
-        elif flag in _IGNORED_FLAGS:
-            print(f"mergekit-fast: note: {flag} ignored ({_IGNORED_FLAGS[flag]})", file=sys.stderr)
-        elif flag in keep:
-            out.append(a)
-        elif flag in _IGNORED_WITH_VALUE:
-            if not eq:
-                next(it, None)
-            print(f"mergekit-fast: note: {flag} ignored ({_IGNORED_WITH_VALUE[flag]})", file=sys.stderr)
-        else:
-            out.append(a)
-    return out
-
 
 def yaml_alias_main(argv: list[str] | None = None) -> int:
-    """``mergekit-fast-yaml CONFIG OUT [mergekit-yaml flags]``."""
-    argv = sys.argv[1:] if argv is None else argv
-    translated = _translate_mergekit_args(argv)
-    # mergekit-yaml overwrites an existing OUT; so does the alias.
-    if "--force" not in translated:
-        translated.append("--force")
-    return main(["merge", *translated])
+    """``mergekit-fast-yaml CONFIG OUT [mergekit-yaml flags]``: mergekit-yaml's command line. Like
+    mergekit-yaml it replaces an earlier output at OUT (``--force`` is implied), but only one that looks
+    like a merge output, and never an input."""
+    p = _configure_merge(argparse.ArgumentParser(
+        prog="mergekit-fast-yaml",
+        description="mergekit-yaml's command line on mergekit_fast (--force is implied, as mergekit-yaml "
+        "replaces OUT; inputs are never touched).",
+    ))  # fmt: skip
+    p.set_defaults(force=True)
+    return _dispatch(p.parse_args(sys.argv[1:] if argv is None else argv))
 
 
 def moe_alias_main(argv: list[str] | None = None) -> int:
-    """``mergekit-fast-moe CONFIG OUT [mergekit-moe flags]``."""
-    argv = sys.argv[1:] if argv is None else argv
-    rest = [a for a in argv if a not in ("--load-in-4bit", "--load-in-8bit")]
-    translated = _translate_mergekit_args(rest, keep=("--random-seed",))
-    for a in ("--load-in-4bit", "--load-in-8bit"):
-        if a in argv:
-            print(f"mergekit-fast: note: {a} ignored (the gate model runs in bf16)", file=sys.stderr)
-    if "--force" not in translated:
-        translated.append("--force")
-    return main(["moe", *translated])
+    """``mergekit-fast-moe CONFIG OUT [mergekit-moe flags]`` (``--force`` implied, as for the yaml alias)."""
+    p = _configure_moe(argparse.ArgumentParser(
+        prog="mergekit-fast-moe",
+        description="mergekit-moe's command line on mergekit_fast (--force is implied, as mergekit-moe "
+        "replaces OUT; inputs are never touched).",
+    ))  # fmt: skip
+    p.set_defaults(force=True)
+    return _dispatch(p.parse_args(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

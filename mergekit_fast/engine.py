@@ -21,9 +21,10 @@ grows past it, so peak memory does not grow with the model. A single tensor larg
 budget still runs, alone. Passthrough tensors whose dtype does not change are copied file to file
 (copy_file_range) without being decoded.
 
-Output is atomic: everything is written into a hidden temporary directory beside OUT, which is
-renamed to OUT only once complete. A failure or an interrupt removes the temporary directory; a
-SIGKILL leaves only that hidden directory (never OUT), which the next run cleans up.
+Output is atomic and never touches an input (``mergekit_fast.output``): everything is written into a
+hidden temporary directory beside OUT, installed only once complete. A failure or a signal removes the
+temporary directory; a SIGKILL leaves only that hidden directory (never OUT), which the next run
+writing in the same directory cleans up.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mergekit_fast import _native, backends, dtypes
+from mergekit_fast import _native, backends, dtypes, output
+from mergekit_fast.errors import MergeError
 from mergekit_fast.io.model import ModelSource
 from mergekit_fast.io.safetensors import ShardWriter, itemsize
 from mergekit_fast.ops import SLERP_DOT_THRESHOLD, SLERP_EPS, check_slerp_t, verify_requested
@@ -52,26 +54,9 @@ from mergekit_fast.ops import SLERP_SEGMENT_MAX_NUMEL as SEGMENT_MAX_NUMEL
 
 log = logging.getLogger("mergekit_fast")
 
-TMP_MARK = ".mergekit_fast-tmp-"
-TOKENIZER_FILES = (
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.json",
-    "tokenizer.model",
-    "added_tokens.json",
-    "merges.txt",
-    "vocab.json",
-    "chat_template.jinja",
-    "generation_config.json",
-    "chat_template.json",
-)
 # Small SLERP tensors are merged in batches of at most this many tensors / bytes.
 BATCH_MAX_TENSORS = 256
 BATCH_MAX_BYTES = 64 << 20
-
-
-class MergeError(RuntimeError):
-    """The merge cannot proceed; the message says why (file, tensor or option)."""
 
 
 @dataclass
@@ -82,7 +67,11 @@ class MergeOptions:
     read_ahead: int = 512 << 20  # bytes of input asked to be read ahead
     copy_tokenizer: bool = True
     write_model_card: bool = True
-    force: bool = False
+    force: bool = False  # replace an existing OUT that looks like a merge output
+    force_unrecognized: bool = False  # ... or anything else at OUT (never an input model)
+    random_seed: int | None = None  # seed of the random draws (mergekit's --random-seed)
+    allow_crimes: bool = False  # mix architectures (mergekit's --allow-crimes)
+    trust_remote_code: bool = False  # passed to transformers where it loads a config or a model
     backend: str = "auto"
     verify: int = 0  # number of sampled tensors to cross-check (-1: all)
     progress: bool | None = None  # None: only on a terminal
@@ -102,13 +91,21 @@ class MergeResult:
     shards: int
     verify_max_ulp: float | None = None
     nonfinite: list[str] = field(default_factory=list)
+    # seconds per phase (plan, gates, merge, verify); ``seconds`` is the whole run, start-up included
+    phases: dict[str, float] = field(default_factory=dict)
 
     def summary(self) -> str:
-        gbps = (self.bytes_read + self.bytes_written) / max(self.seconds, 1e-9) / 1e9
+        merge_s = self.phases.get("merge", self.seconds)
+        gbps = (self.bytes_read + self.bytes_written) / max(merge_s, 1e-9) / 1e9
+        other = self.seconds - sum(self.phases.values())
+        parts = ([f"start-up {other:.2f} s"] if other >= 0.005 and self.phases else []) + [
+            f"{k} {v:.2f} s" for k, v in self.phases.items()
+        ]
         s = (
-            f"merged {self.tensors} tensors into {self.out_path} in {self.seconds:.2f} s: "
-            f"read {self.bytes_read / 1e9:.2f} GB, wrote {self.bytes_written / 1e9:.2f} GB "
-            f"({gbps:.2f} GB/s), peak RSS {self.peak_rss / 2**30:.2f} GiB"
+            f"merged {self.tensors} tensors into {self.out_path} in {self.seconds:.2f} s"
+            + (f" ({', '.join(parts)})" if parts else "")
+            + f": read {self.bytes_read / 1e9:.2f} GB, wrote {self.bytes_written / 1e9:.2f} GB "
+            f"({gbps:.2f} GB/s while merging), peak RSS {self.peak_rss / 2**30:.2f} GiB"
         )
         if self.verify_max_ulp is not None:
             s += f", verify max error {self.verify_max_ulp:.2f} ulp"
@@ -727,25 +724,6 @@ class _Pipeline:
 # ----------------------------------------------------------------------------- output directory
 
 
-def _clean_stale_tmp(out: Path) -> None:
-    """Remove temporary directories of earlier runs for the same OUT whose process is gone."""
-    prefix = f".{out.name}{TMP_MARK}"
-    for p in out.parent.glob(prefix + "*"):
-        try:
-            pid = int(p.name[len(prefix) :])
-        except ValueError:
-            continue
-        if pid == os.getpid():
-            continue
-        try:
-            os.kill(pid, 0)
-            continue  # still running
-        except ProcessLookupError:
-            shutil.rmtree(p, ignore_errors=True)
-        except PermissionError:
-            continue
-
-
 def model_card(plan) -> str:
     models = "\n".join(f"* {name}" for name in plan.sources)
     methods_used = sorted({t.method for t in plan.tensors})
@@ -760,6 +738,25 @@ def model_card(plan) -> str:
     )
 
 
+def _check_tokenizer_files(plan, opt: MergeOptions) -> None:
+    """Every tokenizer file the output will copy can be read: a broken symlink or a file without read
+    permission is an error now, before any work, never a silently missing tokenizer."""
+    if not opt.copy_tokenizer or plan.tokenizer_source is None:
+        return
+    src = Path(plan.tokenizer_source)
+    for name in output.TOKENIZER_FILES:
+        path = src / name
+        if not os.path.lexists(path):
+            continue
+        if not path.exists():
+            raise MergeError(f"{path}: tokenizer file is a broken symlink (to {os.readlink(path)})")
+        try:
+            with open(path, "rb") as f:
+                f.read(1)
+        except OSError as exc:
+            raise MergeError(f"{path}: cannot read the tokenizer file ({exc.strerror})") from None
+
+
 def _finalize_files(plan, tmp: Path, shard_files: list[str], weight_map: dict, total: int, opt: MergeOptions):
     if len(shard_files) > 1:
         index = {"metadata": {"total_size": total, "mergekit_version": "0.1.5"}, "weight_map": weight_map}
@@ -771,39 +768,78 @@ def _finalize_files(plan, tmp: Path, shard_files: list[str], weight_map: dict, t
         (tmp / getattr(plan, "config_file_name", "mergekit_config.yml")).write_text(plan.config_yaml)
     if opt.copy_tokenizer and plan.tokenizer_source is not None:
         src = Path(plan.tokenizer_source)
-        for name in TOKENIZER_FILES:
-            if (src / name).exists():
-                shutil.copyfile(src / name, tmp / name)
+        for name in output.TOKENIZER_FILES:
+            if os.path.lexists(src / name):
+                try:
+                    shutil.copyfile(src / name, tmp / name)
+                except OSError as exc:
+                    raise MergeError(
+                        f"{src / name}: cannot copy the tokenizer file ({exc.strerror})"
+                    ) from None
 
 
-def _install(tmp: Path, out: Path, force: bool) -> None:
-    if out.exists():
-        if not force:
-            raise MergeError(f"{out} exists; pass --force to replace it")
-        trash = out.parent / f".{out.name}.mergekit_fast-old-{os.getpid()}"
-        os.rename(out, trash)
-        os.rename(tmp, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
+def _warn_small_budget(plan, opt: MergeOptions, cuda: bool) -> None:
+    """Say what a --max-memory below one tensor's needs really uses (that tensor runs alone)."""
+    budget = opt.max_memory // 2 if cuda else opt.max_memory
+    big = max(plan.tensors, key=lambda t: math.prod(t.shape) * max(t.in_dtype.itemsize, t.out_dtype.itemsize),
+              default=None)  # fmt: skip
+    if big is None:
+        return
+    need = math.prod(big.shape) * max(big.in_dtype.itemsize, big.out_dtype.itemsize)
+    if need > budget:
+        log.warning(
+            "--max-memory %s is below what the largest tensor needs (%s: %s of buffers%s); such tensors run "
+            "one at a time, so about %s is used instead",
+            _mib(opt.max_memory), big.name, _mib(need), ", per pool on CUDA" if cuda else "", _mib(need),
+        )  # fmt: skip
 
 
-def run_merge(plan, out_path: str | os.PathLike, options: MergeOptions | None = None) -> MergeResult:
-    """Execute ``plan`` and write the merged model to ``out_path`` atomically."""
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
+
+
+def input_dirs(plan) -> list[str]:
+    """The directories of every model the plan reads (what OUT must never touch)."""
+    dirs = [str(src.path) for src in plan.sources.values() if getattr(src, "path", None) is not None]
+    if plan.tokenizer_source is not None:  # tokenizer_source: a model that lends only its tokenizer
+        dirs.append(str(plan.tokenizer_source))
+    return dirs
+
+
+def run_merge(
+    plan,
+    out_path: str | os.PathLike,
+    options: MergeOptions | None = None,
+    *,
+    started: float | None = None,
+    phases: dict[str, float] | None = None,
+) -> MergeResult:
+    """Execute ``plan`` and write the merged model to ``out_path`` atomically.
+
+    ``started`` (a time.perf_counter() value) is when the whole run began, so that the result's time
+    covers planning and start-up; ``phases`` names the seconds spent before this call (plan, gates).
+    """
     opt = options or MergeOptions()
-    out = Path(out_path).absolute()
-    if out.exists() and not opt.force:
-        raise MergeError(f"{out} exists; pass --force to replace it")
-    if not out.parent.exists():
-        raise MergeError(f"{out.parent}: the parent directory of the output does not exist")
-    device = resolve_device(opt.device)
     t0 = time.perf_counter()
-    _clean_stale_tmp(out)
-    tmp = out.parent / f".{out.name}{TMP_MARK}{os.getpid()}"
+    started = t0 if started is None else started
+    try:
+        out = output.check_target(out_path, input_dirs(plan), force=opt.force,
+                                  force_unrecognized=opt.force_unrecognized)  # fmt: skip
+        device = resolve_device(opt.device)
+        _check_tokenizer_files(plan, opt)
+        _warn_small_budget(plan, opt, device != "cpu")
+    except BaseException:
+        for src in plan.sources.values():
+            src.close()
+        raise
+    output.clean_stale(out.parent)
+    tmp = output.tmp_dir_for(out)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
     except OSError as exc:
+        for src in plan.sources.values():
+            src.close()
         raise MergeError(f"{out.parent}: cannot create the output there ({exc.strerror})") from None
     writers: list[ShardWriter] = []
     bar = None
@@ -841,12 +877,13 @@ def run_merge(plan, out_path: str | os.PathLike, options: MergeOptions | None = 
                 raise MergeError(msg + " (--strict)")
             log.warning(msg)
         _finalize_files(plan, tmp, names, weight_map, total, opt)
+        t_merged = time.perf_counter()
         verify_ulp = None
         if opt.verify:
             from mergekit_fast.verify import verify_output
 
             verify_ulp = verify_output(plan, tmp, opt.verify)
-        _install(tmp, out, opt.force)
+        output.install(tmp, out)
     except BaseException:
         for w in writers:
             w.abort()
@@ -857,9 +894,14 @@ def run_merge(plan, out_path: str | os.PathLike, options: MergeOptions | None = 
             bar.close()
         for src in plan.sources.values():
             src.close()
+    end = time.perf_counter()
+    parts = dict(phases or {})
+    parts["merge"] = t_merged - t0
+    if opt.verify:
+        parts["verify"] = end - t_merged
     return MergeResult(
         out_path=out,
-        seconds=time.perf_counter() - t0,
+        seconds=end - started,
         tensors=len(plan.tensors),
         bytes_read=pipe.bytes_read,
         bytes_written=pipe.bytes_written,
@@ -867,4 +909,5 @@ def run_merge(plan, out_path: str | os.PathLike, options: MergeOptions | None = 
         shards=len(names),
         verify_max_ulp=verify_ulp,
         nonfinite=nonfinite,
+        phases=parts,
     )

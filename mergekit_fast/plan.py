@@ -320,6 +320,7 @@ def build_plan(
     sources: dict[str, ModelSource] | None = None,
     allow_crimes: bool = False,
     use_transformers: bool | None = None,
+    trust_remote_code: bool = False,
 ) -> MergePlan:
     """Plan the merge described by `config`.
 
@@ -378,7 +379,11 @@ def build_plan(
     donor = config.donor_model()
     num_layers = None if slices[0].from_models else sum(s.length for s in slices)
     out_config = _out_config(
-        opened[donor], config.out_dtype or config.dtype, num_layers, use_transformers=use_transformers
+        opened[donor],
+        config.out_dtype or config.dtype,
+        num_layers,
+        use_transformers=use_transformers,
+        trust_remote_code=trust_remote_code,
     )
 
     reserialize = False
@@ -464,6 +469,26 @@ class _Planner:
             return layer_rest in self.known.optional_layer
         return name in self.known.optional or name in self.known.tied
 
+    def _shape_hint(self, m0: str, m1: str, name: str, s0, s1) -> str:
+        """Why two inputs' shapes differ, in the models' own terms (config keys), where that is clear."""
+        c0 = self.ix[m0].source.config
+        c1 = self.ix[m1].source.config
+        c0, c1 = c0.get("text_config") or c0, c1.get("text_config") or c1
+        keys = ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+                "head_dim")  # fmt: skip
+        diff = [f"{k} {c0.get(k)} vs {c1.get(k)}" for k in keys if c0.get(k) != c1.get(k)]
+        vocab_axis_only = len(s0) == len(s1) and s0[0] != s1[0] and tuple(s0[1:]) == tuple(s1[1:])
+        if (
+            vocab_axis_only
+            and (is_pre_weight(name) or "lm_head" in name)
+            and all(d.startswith("vocab_size") for d in diff)
+        ):
+            return (
+                " (different vocabulary sizes: mergekit needs a tokenizer config or "
+                "--unsafe-truncate-embeddings, neither is supported yet)"
+            )
+        return f" (the models differ: {', '.join(diff)})" if diff else ""
+
     def plan_tensor(
         self,
         out_name: str,
@@ -517,15 +542,9 @@ class _Planner:
         m0, n0, i0 = infos[0]
         for m, n, info in infos[1:]:
             if tuple(info.shape) != tuple(i0.shape):
-                hint = ""
-                if is_pre_weight(n0) or "lm_head" in n0 or "lm_head" in n:
-                    hint = (
-                        " (different vocabulary sizes: mergekit needs a tokenizer config or "
-                        "--unsafe-truncate-embeddings, neither is supported yet)"
-                    )
                 raise ConfigError(
                     f"tensor {out_name}: shape mismatch between {m0} ({n0}: {tuple(i0.shape)}) and "
-                    f"{m} ({n}: {tuple(info.shape)}){hint}"
+                    f"{m} ({n}: {tuple(info.shape)}){self._shape_hint(m0, m, n0, i0.shape, info.shape)}"
                 )
         for m, n, info in infos:
             if not info.dtype.is_float:
@@ -582,7 +601,12 @@ _LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 
 
 def _out_config(
-    donor: ModelSource, dtype_name: str | None, num_layers: int | None, *, use_transformers: bool | None
+    donor: ModelSource,
+    dtype_name: str | None,
+    num_layers: int | None,
+    *,
+    use_transformers: bool | None,
+    trust_remote_code: bool = False,
 ) -> dict:
     """The config.json mergekit writes: the donor's config with dtype and the layer count set.
 
@@ -604,7 +628,9 @@ def _out_config(
             verbosity = transformers.logging.get_verbosity()
             transformers.logging.set_verbosity_error()
             try:
-                cfg = transformers.AutoConfig.from_pretrained(str(donor.path))
+                cfg = transformers.AutoConfig.from_pretrained(
+                    str(donor.path), trust_remote_code=trust_remote_code
+                )
             except Exception as exc:
                 if use_transformers:
                     raise ConfigError(

@@ -263,9 +263,17 @@ def test_existing_output_refused_without_force(models, tmp_path):
     cfgf.write_text(cfg)
     assert cli.main(["merge", str(cfgf), str(out), "--no-progress", "-q"]) == 2
     assert (out / "keep.txt").read_text() == "precious"
-    assert cli.main(["merge", str(cfgf), str(out), "--no-progress", "-q", "--force"]) == 0
+    # --force replaces only what looks like a merge output; this directory needs --force-unrecognized
+    assert cli.main(["merge", str(cfgf), str(out), "--no-progress", "-q", "--force"]) == 2
+    assert (out / "keep.txt").read_text() == "precious"
+    assert (
+        cli.main(["merge", str(cfgf), str(out), "--no-progress", "-q", "--force", "--force-unrecognized"])
+        == 0
+    )
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
     assert not list(tmp_path.glob(".out.mergekit_fast-*"))
+    # an earlier merge output is replaced by --force alone
+    assert cli.main(["merge", str(cfgf), str(out), "--no-progress", "-q", "--force"]) == 0
 
 
 def test_failed_merge_leaves_nothing(models, tmp_path, monkeypatch):
@@ -289,7 +297,7 @@ def test_yaml_alias_accepts_mergekit_flags(models, tmp_path, capsys):
     rc = cli.yaml_alias_main([str(cfgf), str(out), "--lazy-unpickle", "--clone-tensors", "--no-cuda",
                               "--out-shard-size", "1B", "--write-threads", "2", "--quiet"])  # fmt: skip
     assert rc == 0 and (out / "model.safetensors").exists()
-    assert "--lazy-unpickle ignored" in capsys.readouterr().err
+    assert "--lazy-unpickle changes nothing here" in capsys.readouterr().err
 
 
 def test_small_memory_budget_still_merges(models, tmp_path):

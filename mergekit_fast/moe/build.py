@@ -20,14 +20,16 @@ import logging
 import secrets
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from mergekit_fast import output
 from mergekit_fast.config import ConfigError, dtype_from_name
 from mergekit_fast.dtypes import DType
-from mergekit_fast.engine import MergeError, MergeOptions, MergeResult, resolve_device, run_merge
+from mergekit_fast.engine import MergeOptions, MergeResult, resolve_device, run_merge
 from mergekit_fast.io.model import ModelSource
 from mergekit_fast.moe import methods as _methods  # noqa: F401 - registers moe_concat / moe_constant
 from mergekit_fast.moe.arch import BuildContext, OutputArchitecture, select_output_arch
@@ -51,6 +53,7 @@ class MoEPlan(MergePlan):
     model_card: str | None = None
     architecture: str = ""
     gate_mode: str = ""
+    gate_seconds: float = 0.0  # time spent computing the router gates
 
 
 def _text_config(cfg: dict) -> dict:
@@ -125,6 +128,7 @@ def build_moe_plan(
     progress: bool | None = None,
     tokenizer_dir: str | Path | None = None,
     copy_tokenizer: bool = True,
+    trust_remote_code: bool = False,
 ) -> MoEPlan:
     """Everything checked, the gates computed, the plan ready for run_merge. When ``tokenizer_dir`` is given
     and ``copy_tokenizer`` is set, the tokenizer mergekit-moe would save is saved there (the plan's
@@ -158,13 +162,16 @@ def build_moe_plan(
 
         need_tok = config.gate_mode not in RANDOM_MODES
         tokenizer = (
-            load_tokenizer(config.base_model, required=need_tok) if (need_tok or copy_tokenizer) else None
+            load_tokenizer(config.base_model, required=need_tok, trust_remote_code=trust_remote_code)
+            if (need_tok or copy_tokenizer)
+            else None
         )
         if config.gate_mode in HIDDEN_MODES:
             LOG.info("computing hidden-state gates with %s on %s", config.base_model, dev)
-        gates = compute_gates(
-            config.gate_mode, gated, base, tokenizer, device=dev, seed=random_seed, progress=progress
-        )
+        t_gates = time.perf_counter()
+        gates = compute_gates(config.gate_mode, gated, base, tokenizer, device=dev, seed=random_seed,
+                              progress=progress, trust_remote_code=trust_remote_code)  # fmt: skip
+        t_gates = time.perf_counter() - t_gates
         warn_degenerate_gates(gates)
         noise_seed = random_seed if random_seed is not None else secrets.randbits(63)
         if random_seed is None and any(
@@ -186,6 +193,7 @@ def build_moe_plan(
             model_card=_model_card(config, arch),
             architecture=arch.name,
             gate_mode=config.gate_mode,
+            gate_seconds=t_gates,
         )
     except BaseException:
         for s in sources.values():
@@ -200,20 +208,22 @@ def run_moe(
     *,
     allow_same: bool = False,
     random_seed: int | None = None,
+    started: float | None = None,
 ) -> MergeResult:
-    """Build the MoE described by ``config`` (a MoEConfig, a config file path or YAML text) into ``out``."""
+    """Build the MoE described by ``config`` (a MoEConfig, a config file path or YAML text) into ``out``.
+    ``random_seed`` defaults to ``options.random_seed``."""
+    t0 = time.perf_counter()
     opt = options or MergeOptions()
+    if random_seed is None:
+        random_seed = opt.random_seed
     if isinstance(config, Path) or (
         isinstance(config, str) and "\n" not in config and config.endswith((".yml", ".yaml"))
     ):
         config = load_moe_config(config)
     elif isinstance(config, str):
         config = parse_moe_config(config)
-    out = Path(out).absolute()
-    if out.exists() and not opt.force:
-        raise MergeError(f"{out} exists; pass --force to replace it")
-    if not out.parent.exists():
-        raise MergeError(f"{out.parent}: the parent directory of the output does not exist")
+    # OUT is checked now, before the (possibly long) gate computation; run_merge checks it again.
+    output.check_target(out, config.models(), force=opt.force, force_unrecognized=opt.force_unrecognized)
     if opt.threads:  # the gates run torch models outside the engine
         torch.set_num_threads(opt.threads)
     tok_dir = tempfile.mkdtemp(prefix="mergekit_fast-moe-tokenizer-")
@@ -226,20 +236,10 @@ def run_moe(
             progress=opt.progress,
             tokenizer_dir=tok_dir,
             copy_tokenizer=opt.copy_tokenizer,
+            trust_remote_code=opt.trust_remote_code,
         )
-        return run_merge(plan, out, opt)
+        planned = time.perf_counter() - t0
+        phases = {"plan": planned - plan.gate_seconds, "gates": plan.gate_seconds}
+        return run_merge(plan, out, opt, started=t0 if started is None else started, phases=phases)
     finally:
         shutil.rmtree(tok_dir, ignore_errors=True)
-
-
-def run_moe_cli(args) -> int:
-    """``mergekit-fast moe`` (cli.cmd_moe)."""
-    from mergekit_fast.cli import _options
-
-    path = Path(args.config)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such config file")
-    result = run_moe(path, args.out, _options(args), allow_same=args.allow_same, random_seed=args.random_seed)
-    if not args.quiet:
-        print(result.summary())
-    return 0

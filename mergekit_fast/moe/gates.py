@@ -39,13 +39,13 @@ from mergekit_fast.moe.config import HIDDEN_MODES, Expert
 LOG = logging.getLogger(__name__)
 
 
-def load_tokenizer(base_model: str, *, required: bool):
+def load_tokenizer(base_model: str, *, required: bool, trust_remote_code: bool = False):
     """The base model's tokenizer set up as mergekit-moe does (left padding, pad = bos, else eos).
     Returns None when it cannot be loaded and ``required`` is False."""
     import transformers
 
     try:
-        tok = transformers.AutoTokenizer.from_pretrained(base_model)
+        tok = transformers.AutoTokenizer.from_pretrained(base_model, trust_remote_code=trust_remote_code)
     except Exception as exc:  # noqa: BLE001 - transformers raises many kinds here
         if required:
             raise ConfigError(f"base_model: cannot load the tokenizer of {base_model} ({exc})") from None
@@ -116,6 +116,7 @@ def compute_gates(
     device: torch.device | str = "cpu",
     seed: int | None = None,
     progress: bool | None = None,
+    trust_remote_code: bool = False,
 ) -> torch.Tensor:
     """Gate vectors ``[num_layers, len(experts), hidden_size]`` (bf16 for the hidden modes, else fp32)."""
     cfg = base.config.get("text_config") or base.config
@@ -147,7 +148,7 @@ def compute_gates(
 
         model = None
     elif mode in HIDDEN_MODES:
-        model = _load_model(str(base.path), device, progress)
+        model = _load_model(str(base.path), device, progress, trust_remote_code)
         average = mode == "hidden_avg"
 
         def run(tokenized):
@@ -183,7 +184,9 @@ def compute_gates(
     return gates
 
 
-def _load_model(path: str, device: torch.device | str, progress: bool | None):
+def _load_model(
+    path: str, device: torch.device | str, progress: bool | None, trust_remote_code: bool = False
+):
     """The base model as mergekit loads it (bf16, on ``device``); transformers' loading bar only when ours
     is shown."""
     import transformers
@@ -194,7 +197,7 @@ def _load_model(path: str, device: torch.device | str, progress: bool | None):
         hf_logging.disable_progress_bar()
     try:
         return transformers.AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch.bfloat16, device_map=str(device)
+            path, dtype=torch.bfloat16, device_map=str(device), trust_remote_code=trust_remote_code
         )
     except Exception as exc:  # noqa: BLE001
         raise ConfigError(

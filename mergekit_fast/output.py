@@ -1,0 +1,230 @@
+"""Where a merge writes, and how it gets there without ever touching an input.
+
+Rules (checked by ``check_target`` before anything is written):
+
+* **Inputs are untouchable.** OUT may not be an input model's directory, contain one, or lie inside
+  one -- compared both as written and with symlinks resolved. ``--force`` does not change this. (An
+  OUT inside an input directory would touch no input file, but it would turn the input directory
+  into something else -- a model repository with a stray sub-model that an upload or a copy then
+  carries along -- so it is refused too.)
+* **``--force`` replaces only what a merge writes.** An existing OUT is replaced only when it looks
+  like a merge output (mergekit's or ours): a directory holding config.json and nothing but the
+  files a merge writes. Anything else (a file, a directory with other files) needs
+  ``--force-unrecognized`` as well, and the error lists what would be deleted.
+* **Every ending is clean.** The merge is written into a hidden temporary directory beside OUT,
+  ``.<OUT name>.mergekit_fast-tmp-<pid>-<host>``, and installed by one atomic exchange of the two
+  directories (renameat2 RENAME_EXCHANGE; two renames where the filesystem lacks it). A failure or a
+  signal removes the temporary directory. A temporary directory left by a SIGKILL is removed by the
+  next run that writes anywhere in the same parent directory, once its process is gone.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import re
+import shutil
+import socket
+from collections.abc import Iterable
+from pathlib import Path
+
+from mergekit_fast.errors import OutputError
+
+TMP_MARK = ".mergekit_fast-tmp-"
+OLD_MARK = ".mergekit_fast-old-"
+
+# Files a merge writes (mergekit-yaml, mergekit-moe, mergekit_fast): weights, index, config, card,
+# tokenizer and generation config.
+TOKENIZER_FILES = (
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.json",
+    "tokenizer.model",
+    "added_tokens.json",
+    "merges.txt",
+    "vocab.json",
+    "chat_template.jinja",
+    "generation_config.json",
+    "chat_template.json",
+)
+OUTPUT_FILES = frozenset(
+    {
+        "config.json",
+        "model.safetensors",
+        "model.safetensors.index.json",
+        "README.md",
+        "mergekit_config.yml",
+        "mergekit_moe_config.yml",
+        *TOKENIZER_FILES,
+    }
+)
+_SHARD = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "localhost"
+
+
+def tmp_dir_for(out: Path) -> Path:
+    return out.parent / f".{out.name}{TMP_MARK}{os.getpid()}-{_host()}"
+
+
+def _inside(child: str, parent: str) -> bool:
+    """``child`` is ``parent`` or lies under it (both absolute, normalised)."""
+    return child == parent or child.startswith(parent.rstrip(os.sep) + os.sep)
+
+
+def _forms(path: str | os.PathLike) -> set[str]:
+    """A path as written (absolute, normalised) and with every symlink resolved."""
+    p = os.path.abspath(os.fspath(path))
+    return {os.path.normpath(p), os.path.realpath(p)}
+
+
+def is_merge_file(name: str) -> bool:
+    return name in OUTPUT_FILES or bool(_SHARD.match(name))
+
+
+def unrecognized_entries(out: Path) -> list[str]:
+    """What in an existing OUT a merge would not have written, or that is missing for OUT to be a merge
+    output (config.json); empty when OUT looks like a merge output (or is an empty directory)."""
+    if not out.is_dir():
+        return [f"{out} is a file, not a model directory"]
+    names = sorted(os.listdir(out))
+    if not names:
+        return []
+    odd = []
+    for n in names:
+        p = out / n
+        if p.is_symlink() or not p.is_file():
+            odd.append(
+                n + ("/" if p.is_dir() and not p.is_symlink() else " (a link)" if p.is_symlink() else "")
+            )
+        elif not is_merge_file(n):
+            odd.append(n)
+    if "config.json" not in names:
+        odd.append("no config.json")
+    return odd
+
+
+def check_target(
+    out_path: str | os.PathLike,
+    inputs: Iterable[str | os.PathLike],
+    *,
+    force: bool = False,
+    force_unrecognized: bool = False,
+) -> Path:
+    """Check that a merge may be written to ``out_path``; return the directory to install (absolute,
+    symlinks resolved). ``inputs``: every model directory the merge reads. Raises OutputError."""
+    given = Path(os.path.abspath(os.fspath(out_path)))
+    out_forms = _forms(given)
+    for model in inputs:
+        for m in _forms(model):
+            for o in out_forms:
+                if o == m:
+                    raise OutputError(
+                        f"output {given} is the input model {model}: a merge never writes over one of its "
+                        "inputs (--force does not change this); choose another output directory"
+                    )
+                if _inside(m, o):
+                    raise OutputError(
+                        f"output {given} contains the input model {model}: replacing it would delete that "
+                        "input (--force does not change this); choose another output directory"
+                    )
+                if _inside(o, m):
+                    raise OutputError(
+                        f"output {given} lies inside the input model {model}: a merge never writes into an "
+                        "input's directory; choose a directory outside it"
+                    )
+    out = Path(os.path.realpath(given))
+    if not out.parent.is_dir():
+        if os.path.lexists(out.parent):
+            raise OutputError(f"{out.parent}: cannot create the output there (Not a directory)")
+        raise OutputError(f"{out.parent}: the parent directory of the output does not exist")
+    if os.path.lexists(out):
+        if not force:
+            raise OutputError(f"{given} exists; pass --force to replace it")
+        odd = unrecognized_entries(out)
+        if odd and not force_unrecognized:
+            shown = ", ".join(odd[:8]) + (f" and {len(odd) - 8} more" if len(odd) > 8 else "")
+            raise OutputError(
+                f"{given} exists and does not look like a merged model ({shown}: not what a merge "
+                "writes); --force replaces only merge outputs. To delete everything in it and write the "
+                "merge there, add --force-unrecognized"
+            )
+    return out
+
+
+def clean_stale(parent: Path) -> list[Path]:
+    """Remove the temporary directories (and half-installed old outputs) that runs on this host left in
+    ``parent`` when they were killed; returns what was removed."""
+    removed = []
+    me, host = os.getpid(), _host()
+    try:
+        entries = list(parent.iterdir())
+    except OSError:
+        return removed
+    for p in entries:
+        name = p.name
+        mark = TMP_MARK if TMP_MARK in name else OLD_MARK if OLD_MARK in name else None
+        if mark is None or not name.startswith("."):
+            continue
+        pid_s, _, owner = name.rsplit(mark, 1)[1].partition("-")
+        try:
+            pid = int(pid_s)
+        except ValueError:
+            continue
+        if (owner and owner != host) or pid == me or _alive(pid):
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        if not os.path.lexists(p):
+            removed.append(p)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, f"cannot install {a} as {b}: {os.strerror(err)}")
+
+
+def install(tmp: Path, out: Path) -> None:
+    """Put the finished ``tmp`` directory at ``out``, replacing what is there (already checked)."""
+    if not os.path.lexists(out):
+        os.rename(tmp, out)
+        return
+    if out.is_dir() and not out.is_symlink() and _exchange(tmp, out):
+        shutil.rmtree(tmp, ignore_errors=True)  # now holds the old output
+        return
+    old = out.parent / f".{out.name}{OLD_MARK}{os.getpid()}-{_host()}"
+    os.rename(out, old)
+    os.rename(tmp, out)
+    if old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        old.unlink()
