@@ -1,0 +1,188 @@
+"""Unit tests of the engine's parts: the buffer pool, shard assignment and job making."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+
+import pytest
+
+from mergekit_fast import dtypes
+from mergekit_fast.engine import BATCH_MAX_TENSORS, BufferPool, assign_shards, make_jobs, shard_names
+from mergekit_fast.plan import InputRef, MergePlan, OutputTensor
+
+
+def _t(name, shape, method="slerp", inputs=(), dtype=dtypes.bfloat16, out=None, params=(("t", 0.5),)):
+    return OutputTensor(name=name, shape=tuple(shape), in_dtype=dtype, out_dtype=out or dtype, method=method,
+                        inputs=tuple(inputs), params=params)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- BufferPool
+
+
+def test_pool_reuses_the_smallest_fitting_buffer():
+    pool = BufferPool(1 << 20)
+    a, b = pool.acquire(1000), pool.acquire(5000)
+    pool.release(a)
+    pool.release(b)
+    assert pool.held == 6000 and pool.in_use == 0
+    c = pool.acquire(900)
+    assert c is a  # the smallest free buffer that fits
+    d = pool.acquire(4000)
+    assert d is b and pool.held == 6000
+
+
+def test_pool_blocks_at_the_budget_until_a_release():
+    pool = BufferPool(10_000)
+    a = pool.acquire(6000)
+    got = []
+
+    def second():
+        got.append(pool.acquire(6000))
+
+    th = threading.Thread(target=second)
+    th.start()
+    time.sleep(0.1)
+    assert not got  # 6000 + 6000 > 10000: waits
+    pool.release(a)
+    th.join(5)
+    assert got and pool.in_use == 6000 and pool.held <= 10_000
+
+
+def test_pool_serves_an_oversized_request_alone():
+    pool = BufferPool(1000)
+    big = pool.acquire(5000)  # larger than the whole budget: served because nothing else is in use
+    assert len(big) >= 5000 and pool.in_use == 5000
+    pool.release(big)
+    assert pool.held == 0  # over budget: not kept
+    small = pool.acquire(10)
+    assert len(small) >= 10
+
+
+def test_pool_drops_free_buffers_to_make_room():
+    pool = BufferPool(10_000)
+    a = pool.acquire(4000)
+    pool.release(a)
+    b = pool.acquire(8000)  # the free 4000 does not fit; dropped so that 8000 fits the budget
+    assert len(b) >= 8000 and pool.held == 8000
+
+
+def test_pool_reserve_accounts_outside_memory():
+    pool = BufferPool(10_000)
+    pool.reserve(7000)
+    assert pool.in_use == 7000
+    done = []
+    th = threading.Thread(target=lambda: done.append(pool.acquire(5000)))
+    th.start()
+    time.sleep(0.1)
+    assert not done
+    pool.unreserve(7000)
+    th.join(5)
+    assert done
+
+
+def test_pool_close_wakes_waiters_with_an_error():
+    pool = BufferPool(1000)
+    pool.acquire(800)
+    errors = []
+
+    def waiter():
+        try:
+            pool.acquire(800)
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    th = threading.Thread(target=waiter)
+    th.start()
+    time.sleep(0.05)
+    pool.close()
+    th.join(5)
+    assert errors and "aborted" in str(errors[0])
+
+
+# ----------------------------------------------------------------------------- shards
+
+
+def test_assign_shards_like_mergekit():
+    ts = [_t(f"t{i}", (100,)) for i in range(5)]  # 200 bytes each in bf16
+    shards = assign_shards(ts, 450)
+    assert [[t.name for t in s] for s in shards] == [["t0", "t1"], ["t2", "t3"], ["t4"]]
+    # a tensor larger than the budget gets a shard of its own
+    big = [_t("a", (10,)), _t("b", (1000,)), _t("c", (10,))]
+    assert [[t.name for t in s] for s in assign_shards(big, 100)] == [["a"], ["b"], ["c"]]
+    assert assign_shards([], 100) == []
+    # the budget counts the OUTPUT dtype
+    f32 = [_t(f"t{i}", (100,), out=dtypes.float32) for i in range(2)]
+    assert len(assign_shards(f32, 500)) == 2
+
+
+def test_shard_names():
+    assert shard_names(1) == ["model.safetensors"]
+    assert shard_names(3) == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+
+
+# ----------------------------------------------------------------------------- jobs
+
+
+class _Src:
+    def __init__(self, tensors):
+        self.tensors = tensors
+
+
+class _Info:
+    def __init__(self, file, start, dtype=dtypes.bfloat16, shape=(4,)):
+        self.file, self.start, self.dtype, self.shape = file, start, dtype, shape
+        self.nbytes = math.prod(shape) * dtype.itemsize
+
+
+def _plan(tensors, infos):
+    return MergePlan(sources={"m": _Src(infos)}, tensors=tensors, out_config={}, tokenizer_source=None,
+                     config_yaml="")  # fmt: skip
+
+
+def test_make_jobs_orders_by_input_position_and_batches_small_slerps():
+    names = [f"x{i}" for i in range(6)]
+    infos = {n: _Info("f1" if i % 2 else "f0", 1000 - i) for i, n in enumerate(names)}
+    big = 1 << 16  # above the segmented-kernel limit: a job of its own
+    infos["big"] = _Info("f0", 5, shape=(big,))
+    infos["cp"] = _Info("f0", 7)
+    ts = [_t(n, (4,), inputs=[InputRef("m", n), InputRef("m", n)]) for n in names]
+    ts.append(_t("big", (big,), inputs=[InputRef("m", "big"), InputRef("m", "big")]))
+    ts.append(_t("cp", (4,), method="passthrough", inputs=[InputRef("m", "cp")], params=(("scale", None),)))
+    jobs = make_jobs(_plan(ts, infos))
+    kinds = [(j.kind, [t.name for t in j.tensors]) for j in jobs]
+    # file f0 first (big at 5, cp at 7, then the batch keyed by its first tensor), then f1's batch
+    assert kinds[0] == ("one", ["big"]) and kinds[1] == ("copy", ["cp"])
+    batches = [k for k in kinds if k[0] == "slerp_batch"]
+    assert sorted(n for _, ns in batches for n in ns) == sorted(names)
+    for _, ns in batches:  # each batch is sorted by input position
+        keys = [(infos[n].file, infos[n].start) for n in ns]
+        assert keys == sorted(keys)
+    assert [j.key for j in jobs] == sorted(j.key for j in jobs)
+
+
+def test_make_jobs_caps_batch_size():
+    n = BATCH_MAX_TENSORS + 10
+    infos = {f"x{i}": _Info("f", i) for i in range(n)}
+    ts = [_t(f"x{i}", (4,), inputs=[InputRef("m", f"x{i}")] * 2) for i in range(n)]
+    jobs = make_jobs(_plan(ts, infos))
+    assert [len(j.tensors) for j in jobs] == [BATCH_MAX_TENSORS, 10]
+
+
+def test_make_jobs_copies_only_without_a_dtype_change():
+    infos = {"a": _Info("f", 0), "b": _Info("f", 8, dtype=dtypes.float16)}
+    ts = [
+        _t("a", (4,), method="passthrough", inputs=[InputRef("m", "a")], params=(("scale", None),)),
+        _t("b", (4,), method="passthrough", inputs=[InputRef("m", "b")], params=(("scale", None),)),
+        _t("c", (4,), method="passthrough", inputs=[InputRef("m", "a")], params=(("scale", 2.0),)),
+    ]
+    kinds = {j.tensors[0].name: j.kind for j in make_jobs(_plan(ts, infos))}
+    assert kinds == {"a": "copy", "b": "one", "c": "one"}  # b: f16 input, bf16 output; c: scaled
+
+
+@pytest.mark.parametrize("n", [0, 1])
+def test_make_jobs_small_plans(n):
+    infos = {"a": _Info("f", 0)}
+    ts = [_t("a", (4,), inputs=[InputRef("m", "a")] * 2)][:n]
+    assert len(make_jobs(_plan(ts, infos))) == n
