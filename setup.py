@@ -154,6 +154,8 @@ def _extensions() -> list[Extension]:
 setup(
     packages=[
         "mergekit_fast",
+        "mergekit_fast.config",
+        "mergekit_fast.engine",
         "mergekit_fast.ops",
         "mergekit_fast.io",
         "mergekit_fast.methods",

@@ -49,17 +49,6 @@ PYBIND11_MODULE(_C, m) {
 
   // ---------------------------------------------------------------- SLERP (CPU)
   m.def(
-      "slerp_sums_cpu",
-      [](int dtype, uintptr_t a, uintptr_t b, int64_t n, int threads) {
-        double s[3];
-        {
-          py::gil_scoped_release nogil;
-          mkf::slerp_sums_cpu(dtype, ptr<const void>(a), ptr<const void>(b), n, s, threads);
-        }
-        return py::make_tuple(s[0], s[1], s[2]);
-      },
-      py::arg("dtype"), py::arg("a"), py::arg("b"), py::arg("n"), py::arg("threads") = 0);
-  m.def(
       "slerp_cpu",
       [](int dtype, uintptr_t a, uintptr_t b, uintptr_t out, int64_t n, double t, double eps,
          double thr, int threads) {

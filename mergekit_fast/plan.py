@@ -33,13 +33,19 @@ import json
 import logging
 import os
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from mergekit_fast import dtypes
+from mergekit_fast.architectures import (
+    AMBIGUOUS,
+    KNOWN_ARCHITECTURES,
+    MOE_ARCHITECTURES,
+    MOE_KEYS,
+    KnownArchitecture,
+    is_pre_weight,
+)
 from mergekit_fast.config import (
-    INPUT,
     ConfigError,
     MergeConfig,
     NotSupportedError,
@@ -47,22 +53,23 @@ from mergekit_fast.config import (
     dtype_from_name,
     normalize_model_path,
     resolve_parameter,
+    resolving_scope,
 )
 from mergekit_fast.dtypes import DType
 from mergekit_fast.io.model import ModelError, ModelSource
 from mergekit_fast.io.safetensors import TensorInfo
+from mergekit_fast.methods import InputRef, MergeMethod, Scope, TensorGroup
 
 LOG = logging.getLogger(__name__)
+
+__all__ = [
+    "InputRef", "KNOWN_ARCHITECTURES", "MOE_ARCHITECTURES", "MergePlan", "OutputTensor", "build_plan",
+    "is_pre_weight", "read_vocab",
+]  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------
 # The contract with the engine
-
-
-@dataclass(frozen=True)
-class InputRef:
-    model: str  # key into MergePlan.sources (the model path string as in the config, normalised)
-    tensor: str  # tensor name inside that model
 
 
 @dataclass(frozen=True)
@@ -71,11 +78,10 @@ class OutputTensor:
     shape: tuple[int, ...]
     in_dtype: DType  # inputs are cast to this before the math (config dtype, else promoted)
     out_dtype: DType  # dtype written (config out_dtype, else in_dtype)
-    method: str  # "slerp" | "linear" | "passthrough"
-    inputs: tuple[InputRef, ...]  # slerp: (base, other); linear: all models; passthrough: one
-    params: tuple[tuple[str, object], ...]
-    # slerp (("t", float),); linear (("weights", (w0, w1, ...)), ("normalize", bool));
-    # passthrough (("scale", float | None),)
+    method: str  # the registered merge method that computes it (mergekit_fast.methods.get)
+    inputs: tuple[InputRef, ...]  # in the order the method reads them (the base first when has_base)
+    params: tuple[tuple[str, object], ...]  # the method's planned parameters (methods/base.py)
+    has_base: bool = False  # inputs[0] is the base model
 
 
 @dataclass
@@ -85,122 +91,6 @@ class MergePlan:
     out_config: dict  # the output config.json (write with json.dumps(indent=2, sort_keys=True) + "\n")
     tokenizer_source: Path | None  # where tokenizer files come from (base model, else first model)
     config_yaml: str  # the raw YAML text, for mergekit_config.yml
-    # True when mergekit would save the tokenizer through transformers (tokenizer_source given) instead
-    # of copying the donor's tokenizer files (and generation_config.json) verbatim.
-    tokenizer_reserialize: bool = False
-
-
-# --------------------------------------------------------------------------------------------------
-# Architectures mergekit 0.1.5 defines in JSON whose tensor names follow <prefix>layers.<i>.<rest>.
-# Generated from mergekit/_data/architectures/*.json; tests/test_plan.py checks it against mergekit.
-
-
-@dataclass(frozen=True)
-class KnownArchitecture:
-    family: str  # the JSON definition's file stem: two models may be merged only within one family
-    model_type: str  # mergekit picks among several definitions of one name by model_type
-    tied: Mapping[str, str]  # optional output weight -> tensor read in its place when it is missing
-    optional: tuple[str, ...] = ()  # optional non-layer weights (no tied fallback)
-    optional_layer: tuple[str, ...] = ()  # optional per-layer weights (the <rest> part)
-
-
-_TIE = {"lm_head.weight": "model.embed_tokens.weight"}
-_K = KnownArchitecture
-
-KNOWN_ARCHITECTURES: dict[str, KnownArchitecture] = {
-    "ApertusForCausalLM": _K("apertus", "apertus", _TIE),
-    "ArceeForCausalLM": _K("arcee", "arcee", _TIE),
-    "BaichuanForCausalLM": _K("baichuan", "baichuan", {}),
-    "ChatGLMModel": _K("chatglm", "chatglm", {}),
-    "Cohere2ForCausalLM": _K("cohere2", "cohere2", {}, ("lm_head.weight",)),
-    "CohereForCausalLM": _K("cohere", "cohere", {}, ("lm_head.weight",)),
-    "GPTNeoXForCausalLM": _K("gpt-neox", "gpt_neox", {}),
-    "Gemma2ForCausalLM": _K("gemma2", "gemma2", _TIE),
-    "Gemma3ForCausalLM": _K("gemma3", "gemma3_text", _TIE),
-    "GemmaForCausalLM": _K("gemma", "gemma", {}),
-    "Glm4ForCausalLM": _K(
-        "glm4", "glm4", _TIE, (), ("self_attn.k_proj.bias", "self_attn.q_proj.bias", "self_attn.v_proj.bias")
-    ),
-    "GraniteForCausalLM": _K(
-        "granite",
-        "granite",
-        _TIE,
-        (),
-        (
-            "mlp.down_proj.bias",
-            "mlp.gate_proj.bias",
-            "mlp.up_proj.bias",
-            "self_attn.k_proj.bias",
-            "self_attn.o_proj.bias",
-            "self_attn.q_proj.bias",
-            "self_attn.v_proj.bias",
-        ),
-    ),
-    "InternLM2ForCausalLM": _K("internlm2", "internlm2", {"output.weight": "model.tok_embeddings.weight"}),
-    "LLaMaForCausalLM": _K("llama", "llama", _TIE),
-    "Lfm2ForCausalLM": _K(
-        "lfm2",
-        "lfm2",
-        {},
-        ("lm_head.weight",),
-        (
-            "conv.conv.weight",
-            "conv.in_proj.weight",
-            "conv.out_proj.weight",
-            "self_attn.k_layernorm.weight",
-            "self_attn.k_proj.weight",
-            "self_attn.out_proj.weight",
-            "self_attn.q_layernorm.weight",
-            "self_attn.q_proj.weight",
-            "self_attn.v_proj.weight",
-        ),
-    ),
-    "LlamaForCausalLM": _K("llama", "llama", _TIE),
-    "LlamaForSequenceClassification": _K("llama-sequence-classification", "llama", {}, ("score.bias",)),
-    "MambaForCausalLM": _K("mamba", "mamba", {"lm_head.weight": "backbone.embeddings.weight"}),
-    "MistralForCausalLM": _K("mistral", "mistral", _TIE),
-    "Olmo2ForCausalLM": _K("olmo2", "olmo2", _TIE),
-    "Phi3ForCausalLM": _K("phi3", "phi3", {}),
-    "Phi3SmallForCausalLM": _K("phi3-small", "phi3small", _TIE),
-    "PhiForCausalLM": _K("phi2", "phi", {}),
-    "Qwen2ForCausalLM": _K("qwen2", "qwen2", _TIE),
-    "Qwen3ForCausalLM": _K("qwen3", "qwen3", _TIE),
-    "SolarForCausalLM": _K("solar", "solar", {"lm_head.weight": "model.lm_head.weight"}),
-    "StableLMEpochForCausalLM": _K("stablelm", "stablelm_epoch", {}),
-    "StableLmForCausalLM": _K(
-        "stablelm2",
-        "stablelm",
-        {},
-        (),
-        ("self_attn.k_proj.bias", "self_attn.q_proj.bias", "self_attn.v_proj.bias"),
-    ),
-    "Starcoder2ForCausalLM": _K("starcoder2", "starcoder2", _TIE),
-}
-# Names mergekit maps to more than one JSON definition (chosen by model_type; none matching: inferred).
-_AMBIGUOUS = frozenset({"PhiForCausalLM"})
-
-MOE_ARCHITECTURES = frozenset(
-    {
-        "MixtralForCausalLM",
-        "Qwen2MoeForCausalLM",
-        "Qwen3MoeForCausalLM",
-        "Glm4MoeForCausalLM",
-        "GraniteMoeHybridForCausalLM",
-        "_AfmoePartialForCausalLM",
-        "DeepseekV2ForCausalLM",
-        "DeepseekV3ForCausalLM",
-    }
-)
-_MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
-
-# Markers of a non-layer tensor that sits before the layers (embeddings). Checked against every
-# JSON definition above in tests: the rest (final norms, heads, embed_out) comes after the layers.
-_PRE_MARKERS = ("embed", "wte", "wpe", "rotary_pos_emb", "position_ids", "relative_pe")
-
-
-def is_pre_weight(name: str) -> bool:
-    """True for a non-layer tensor mergekit plans before the layers (taken from the first slice)."""
-    return any(m in name for m in _PRE_MARKERS) and "embed_out" not in name
 
 
 _LAYER = re.compile(r"(?:^|(?<=\.))layers\.(\d+)\.")
@@ -280,7 +170,7 @@ class _ModelIndex:
 
 def _known(index: _ModelIndex) -> KnownArchitecture | None:
     k = KNOWN_ARCHITECTURES.get(index.arch) if index.arch else None
-    if k is not None and index.arch in _AMBIGUOUS and index.source.config.get("model_type") != k.model_type:
+    if k is not None and index.arch in AMBIGUOUS and index.source.config.get("model_type") != k.model_type:
         return None
     return k
 
@@ -291,7 +181,7 @@ def _check_architectures(indexes: list[_ModelIndex], allow_crimes: bool) -> Know
         cfg = ix.source.config
         text = cfg.get("text_config") or {}
         if ix.arch in MOE_ARCHITECTURES or any(
-            isinstance(c.get(k), int) and c.get(k) > 0 for c in (cfg, text) for k in _MOE_KEYS
+            isinstance(c.get(k), int) and c.get(k) > 0 for c in (cfg, text) for k in MOE_KEYS
         ):
             raise NotSupportedError(
                 f"{ix.where}: model {ix.key} is a mixture-of-experts model ({ix.arch}); merging MoE models "
@@ -386,14 +276,12 @@ def build_plan(
         trust_remote_code=trust_remote_code,
     )
 
-    reserialize = False
     if config.tokenizer_source is None:
         tok_path = Path(donor)
     else:
         tok_path = Path(donor if config.tokenizer_source == "base" else config.tokenizer_source)
         vocab = _check_tokenizer(config, tok_path, indexes, tensors, known)
         out_config["vocab_size"] = len(vocab)
-        reserialize = True
 
     return MergePlan(
         sources=opened,
@@ -401,7 +289,6 @@ def build_plan(
         out_config=out_config,
         tokenizer_source=tok_path,
         config_yaml=config.yaml_text,
-        tokenizer_reserialize=reserialize,
     )
 
 
@@ -499,7 +386,39 @@ class _Planner:
         *,
         layer_rest: str | None,
     ) -> None:
-        method = self.method
+        """Plan one output tensor: resolve its inputs, resolve its parameters, check, then let the method
+        plan the computation (its ``plan`` hook)."""
+        resolved = self._resolve_inputs(out_name, in_names, models, layer_rest)
+        if resolved is None:
+            return  # an optional weight absent from every input is skipped
+        group = self._resolve_parameters(out_name, in_names, models, resolved, s, t, layer_rest)
+        self._check(group, s, t, in_names)
+        planned = self.method.plan(group)
+        if planned is None:
+            return
+        infos = [self.ix[r.model].info(r.tensor) for r in planned.inputs]
+        shape = tuple(infos[0].shape) if infos else ()
+        in_dtype = self.in_dtype
+        if in_dtype is None:
+            in_dtype = infos[0].dtype
+            for info in infos[1:]:
+                in_dtype = dtypes.promote(in_dtype, info.dtype)
+        tensor = OutputTensor(
+            name=out_name,
+            shape=shape,
+            in_dtype=in_dtype,
+            out_dtype=self.out_dtype or in_dtype,
+            method=planned.method,
+            inputs=planned.inputs,
+            params=planned.params,
+            has_base=planned.has_base,
+        )
+        label = max(r for r in resolved if r is not None)
+        self.entries.append((label, len(self.entries), tensor))
+
+    def _resolve_inputs(self, out_name, in_names, models, layer_rest) -> list[str | None] | None:
+        """Per model, the tensor it contributes (a tied weight's fallback included), None where it has none;
+        None when no model has it. A weight that is not optional must be in every model."""
         resolved: list[str | None] = []
         for m, name in zip(models, in_names):
             ix = self.ix[m]
@@ -511,7 +430,7 @@ class _Planner:
                 resolved.append(None)
         present = [i for i, r in enumerate(resolved) if r is not None]
         if not present:
-            return  # an optional weight absent from every input is skipped
+            return None
         if len(present) < len(models) and not self._optional(in_names[0], layer_rest):
             i_missing = next(i for i, r in enumerate(resolved) if r is None)
             i_has = present[0]
@@ -520,8 +439,15 @@ class _Planner:
                 f"{models[i_missing]} ({self.config.where(models[i_missing])}) but present in "
                 f"{models[i_has]} as {resolved[i_has]}"
             )
+        return resolved
 
-        # Parameters, resolved for every model of the group as mergekit does at planning time.
+    def _resolve_parameters(
+        self, out_name, in_names, models, resolved, s: SliceSpec, t, layer_rest
+    ) -> TensorGroup:
+        """The method's parameters for this tensor, as mergekit resolves them at planning time: shared ones
+        against the output name, per-input ones per model against its input name (non-base ones skip the
+        base)."""
+        method: MergeMethod = self.method
         gparams = self.config.parameters
         shared = {
             p.name: resolve_parameter(p, s.parameter_scopes(None, gparams), tensor_name=out_name, t=t)
@@ -531,66 +457,56 @@ class _Planner:
             m: {
                 p.name: resolve_parameter(p, s.parameter_scopes(m, gparams), tensor_name=name, t=t, model=m)
                 for p in method.input_params
-                if p.scope == INPUT or m != s.base_model
+                if p.scope == Scope.INPUT or m != s.base_model
             }
             for m, name in zip(models, in_names)
         }
-        method.check_inputs(list(models), s.base_model, f"output tensor {out_name}")
+        refs = [None if r is None else InputRef(m, r) for m, r in zip(models, resolved)]
+        return TensorGroup(
+            name=out_name,
+            models=list(models),
+            refs=refs,
+            base=s.base_model,
+            shared=shared,
+            per_input=per_input,
+            optional=self._optional(in_names[0], layer_rest),
+            where=self.config.where,
+        )
 
-        # Shapes and dtypes of the inputs that exist.
-        infos = [(models[i], resolved[i], self.ix[models[i]].info(resolved[i])) for i in present]
-        m0, n0, i0 = infos[0]
-        for m, n, info in infos[1:]:
-            if tuple(info.shape) != tuple(i0.shape):
-                raise ConfigError(
-                    f"tensor {out_name}: shape mismatch between {m0} ({n0}: {tuple(i0.shape)}) and "
-                    f"{m} ({n}: {tuple(info.shape)}){self._shape_hint(m0, m, n0, i0.shape, info.shape)}"
-                )
+    def _check(self, group: TensorGroup, s: SliceSpec, t: float, in_names: list[str]) -> None:
+        """The method's contract and value checks, then the inputs' shapes and dtypes."""
+        method: MergeMethod = self.method
+        method.check_inputs(group.models, group.base, f"output tensor {group.name}")
+        names = dict(zip(group.models, in_names))
+        gparams = self.config.parameters
+
+        def where(param: str, model: str | None) -> str:
+            """The key path of the setting that gave ``param`` its value (for ``model``; None: shared)."""
+            spec = method.param(param)
+            tensor = group.name if model is None else names[model]
+            i = resolving_scope(spec, s.parameter_scopes(model, gparams), tensor_name=tensor, t=t)
+            if i is None:
+                return f"{param} (the default, {spec.default!r})"
+            return f"{s.parameter_scope_paths(model)[i]}.{param}"
+
+        method.check_values(group, where)
+
+        infos = [(group.models[i], group.refs[i].tensor, self.ix[group.models[i]].info(group.refs[i].tensor))
+                 for i in group.present]  # fmt: skip
+        if method.same_shape:
+            m0, n0, i0 = infos[0]
+            for m, n, info in infos[1:]:
+                if tuple(info.shape) != tuple(i0.shape):
+                    raise ConfigError(
+                        f"tensor {group.name}: shape mismatch between {m0} ({n0}: {tuple(i0.shape)}) and "
+                        f"{m} ({n}: {tuple(info.shape)}){self._shape_hint(m0, m, n0, i0.shape, info.shape)}"
+                    )
         for m, n, info in infos:
             if not info.dtype.is_float:
                 raise NotSupportedError(
                     f"tensor {n} of {m} has dtype {info.dtype}; merging non-floating-point tensors is not "
                     "supported yet"
                 )
-        in_dtype = self.in_dtype
-        if in_dtype is None:
-            in_dtype = infos[0][2].dtype
-            for _, _, info in infos[1:]:
-                in_dtype = dtypes.promote(in_dtype, info.dtype)
-        out_dtype = self.out_dtype or in_dtype
-
-        refs = {i: InputRef(models[i], resolved[i]) for i in present}
-        if method.name == "slerp":
-            if len(present) == 1:
-                kind, inputs, params = "passthrough", (refs[present[0]],), (("scale", None),)
-            else:
-                b = models.index(s.base_model)
-                inputs = (refs[b], refs[1 - b])
-                kind, params = "slerp", (("t", float(shared["t"])),)
-        elif method.name == "linear":
-            kind = "linear"
-            inputs = tuple(refs[i] for i in present)
-            weights = tuple(float(per_input[models[i]]["weight"]) for i in present)
-            params = (("weights", weights), ("normalize", bool(shared["normalize"])))
-        elif method.name == "passthrough":
-            kind = "passthrough"
-            inputs = (refs[present[0]],)
-            scale = per_input[models[present[0]]]["scale"]
-            params = (("scale", None if scale is None else float(scale)),)
-        else:  # pragma: no cover - config.py admits only the methods above
-            raise NotSupportedError(f"merge_method {method.name} is not supported yet")
-
-        label = max(r for r in resolved if r is not None)
-        tensor = OutputTensor(
-            name=out_name,
-            shape=tuple(i0.shape),
-            in_dtype=in_dtype,
-            out_dtype=out_dtype,
-            method=kind,
-            inputs=inputs,
-            params=params,
-        )
-        self.entries.append((label, len(self.entries), tensor))
 
 
 # --------------------------------------------------------------------------------------------------

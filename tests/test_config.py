@@ -10,8 +10,8 @@ import pytest
 import yaml
 from helpers import DOC_SELF_ATTN
 
+from mergekit_fast import methods
 from mergekit_fast.config import (
-    METHODS,
     ConditionalParameter,
     ConfigError,
     NotSupportedError,
@@ -140,15 +140,18 @@ parameters:
 
 
 def test_shared_parameter_under_a_model_is_not_read():
-    cfg = parse_config(
-        "merge_method: slerp\nbase_model: a\nmodels:\n  - model: a\n  - model: b\n    parameters: {t: 0.5}\n",
-        base_dir="/q",
+    text = (
+        "merge_method: slerp\nbase_model: a\nmodels:\n  - model: a\n  - model: b\n    parameters: {t: 0.5}\n"
     )
+    # mergekit fails this config at planning; here it fails in the config, with the key path
+    with pytest.raises(
+        ConfigError, match=r"^parameters\.t: Missing required parameter t .*models\[1\]\.parameters"
+    ):
+        parse_config(text, base_dir="/q")
+    cfg = parse_config(text + "parameters: {t: 0.25}\n", base_dir="/q")
     (s,) = cfg.slices(num_layers=lambda m: 2)
-    with pytest.raises(ConfigError, match="Missing required parameter t for model.norm.weight"):
-        resolve_parameter(
-            cfg.method.param("t"), s.parameter_scopes(None, cfg.parameters), tensor_name="model.norm.weight"
-        )
+    t = resolve_parameter(cfg.method.param("t"), s.parameter_scopes(None, cfg.parameters), tensor_name="x")
+    assert t == 0.25  # the top-level value, never the model's
 
 
 def test_scale_defaults_to_none_and_scientific_strings_parse():
@@ -250,7 +253,7 @@ def test_resolve_parameter_matches_mergekit():
         ("passthrough", "scale"),
     ):
         mk_spec = next(p for p in get(method).spec.parameters if p.name == pname)
-        spec = METHODS[method].param(pname)
+        spec = methods.get(method).param(pname)
         for name in ("model.layers.0.mlp.up_proj.weight", "model.layers.0.self_attn.q_proj.weight"):
             for t in (0, 0.5, 1):
                 a = resolve_parameter(spec, ours_scopes, tensor_name=name, t=t)

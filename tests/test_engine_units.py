@@ -9,7 +9,8 @@ import time
 import pytest
 
 from mergekit_fast import dtypes
-from mergekit_fast.engine import BATCH_MAX_TENSORS, BufferPool, assign_shards, make_jobs, shard_names
+from mergekit_fast.engine.buffers import BufferPool
+from mergekit_fast.engine.jobs import BATCH_MAX_TENSORS, assign_shards, make_jobs, shard_names
 from mergekit_fast.plan import InputRef, MergePlan, OutputTensor
 
 

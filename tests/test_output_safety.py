@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from mergekit_fast import cli, output
+from mergekit_fast import cli
+from mergekit_fast.engine import output
 from mergekit_fast.testing import make_synthetic_model
 
 SLERP = """

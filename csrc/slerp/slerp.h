@@ -8,8 +8,7 @@
 namespace mkf {
 
 // ---- CPU (csrc/slerp/slerp_cpu.cpp) ----
-// sums = {sum a*a, sum b*b, sum a*b} in fp64, deterministic for any thread count.
-void slerp_sums_cpu(int dtype, const void* a, const void* b, int64_t n, double* sums, int threads);
+// One tensor: the three sums (fp64, deterministic for any thread count), then the interpolation.
 void slerp_cpu(int dtype, const void* a, const void* b, void* out, int64_t n, double t, double eps,
                double dot_threshold, int threads);
 // Many independent tensors, each with its own t (the engine's batched entry point).

@@ -177,13 +177,6 @@ void by_dtype(int dtype, Fn&& fn) {
 
 }  // namespace
 
-void slerp_sums_cpu(int dtype, const void* a, const void* b, int64_t n, double* sums, int threads) {
-  threads = default_threads(threads);
-  sums[0] = sums[1] = sums[2] = 0.0;
-  if (n <= 0) return;
-  by_dtype(dtype, [&](auto f) { sums_impl<decltype(f)>(a, b, n, sums, threads); });
-}
-
 void slerp_cpu(int dtype, const void* a, const void* b, void* out, int64_t n, double t, double eps,
                double dot_threshold, int threads) {
   threads = default_threads(threads);

@@ -194,6 +194,25 @@ class ShardReader:
             return
         _madvise(self._mm, _MADV_POPULATE_READ, info.start, info.end)
 
+    def willneed(self, name: str) -> int:
+        """Ask the kernel to start reading the tensor's bytes now (posix_fadvise WILLNEED); returns
+        the tensor's size. A no-op where unsupported."""
+        info = self.tensors[name]
+        with contextlib.suppress(OSError, AttributeError):
+            os.posix_fadvise(self._file.fileno(), info.start, info.nbytes, os.POSIX_FADV_WILLNEED)
+        return info.nbytes
+
+    def raw(self, name: str) -> memoryview:
+        """The tensor's bytes, zero-copy, read-only (a view of the mapping; valid until ``close``)."""
+        info = self.tensors[name]
+        if info.nbytes == 0:
+            return memoryview(b"")
+        self._check(info)
+        return memoryview(self._mm)[info.start : info.end]
+
+    def fileno(self) -> int:
+        return self._file.fileno()
+
     def release(self, name: str) -> None:
         """Drop the tensor's pages from this process (they stay in the page cache)."""
         info = self.tensors[name]
@@ -344,6 +363,46 @@ class ShardWriter:
                 raise OSError(
                     exc.errno, f"{self.path}: writing tensor {name!r} failed: {exc.strerror}"
                 ) from None
+        self.written.add(name)
+        return end - start
+
+    def copy_in(self, name: str, parts: list[tuple[ShardReader, str]]) -> int:
+        """Fill tensor ``name`` with the bytes of the given input tensors, one after another, file to file
+        (copy_file_range: no copy through this process), or through the mappings where the kernel or the
+        filesystem cannot. The parts' sizes must add up to the tensor's; returns the bytes written."""
+        start, end = self.offsets[name]
+        total = sum(r.tensors[n].nbytes for r, n in parts)
+        if total != end - start:
+            raise ValueError(
+                f"{self.path.name}: tensor {name!r}: the inputs hold {total} bytes, it needs {end - start}"
+            )
+        pos = start
+        for reader, tensor in parts:
+            info = reader.tensors[tensor]
+            done = 0
+            try:
+                while done < info.nbytes:
+                    k = os.copy_file_range(
+                        reader.fileno(), self._fd, info.nbytes - done, info.start + done, pos + done
+                    )
+                    if k == 0:
+                        raise OSError(errno.EIO, "copy_file_range copied nothing")
+                    done += k
+            except (OSError, AttributeError, TypeError) as exc:
+                if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO):
+                    raise OSError(
+                        exc.errno, f"{self.path}: writing tensor {name!r} failed: {exc.strerror}"
+                    ) from None
+                mv = reader.raw(tensor)[done:]
+                w = 0
+                try:
+                    while w < len(mv):
+                        w += os.pwrite(self._fd, mv[w:], pos + done + w)
+                except OSError as err:
+                    raise OSError(
+                        err.errno, f"{self.path}: writing tensor {name!r} failed: {err.strerror}"
+                    ) from None
+            pos += info.nbytes
         self.written.add(name)
         return end - start
 

@@ -1,85 +1,114 @@
-"""Merge methods as small functions over the ops.
+"""Merge methods: the protocol (``base``), one file per method, and the registry.
 
-Each method takes the input tensors of one output tensor (already cast to the plan's in_dtype, on
-the compute device) and its resolved parameters, and returns the merged tensor in in_dtype.
-Semantics are mergekit 0.1.5's (merge_methods/{linear,passthrough,slerp}.py). SLERP is batched
-across tensors (``slerp_many``); linear and passthrough are single torch expressions that are
-already memory-bound and equal mergekit's bit for bit.
+``get(name)`` returns a registered ``MergeMethod``; ``names()`` lists the ones a config may name.
+Built-ins are the modules listed in ``_BUILTINS`` (each defines ``METHOD``, and may define more
+instances); other installed packages add methods through the entry-point group
+``mergekit_fast.methods`` (the entry point names a MergeMethod instance, a MergeMethod subclass, or
+an iterable of either), loaded the first time the registry is consulted. See the README ("Adding a
+merge method") for a complete example.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import importlib
+import logging
+from collections.abc import Iterable
 
-import torch
+from mergekit_fast.methods.base import (
+    MISSING,
+    BasePolicy,
+    Context,
+    Contract,
+    InputRef,
+    MergeMethod,
+    OptionalPolicy,
+    Param,
+    Planned,
+    Scope,
+    TensorGroup,
+    passthrough_of,
+)
 
-from mergekit_fast.ops.slerp import slerp_batched
+__all__ = [
+    "MISSING", "BasePolicy", "Context", "Contract", "InputRef", "MergeMethod", "OptionalPolicy", "Param",
+    "Planned", "Scope", "TensorGroup", "passthrough_of", "get", "names", "register", "MERGEKIT_METHODS",
+    "ENTRY_POINT_GROUP",
+]  # fmt: skip
 
-# name -> fn(inputs, **params) for the methods the engine runs one tensor at a time. SLERP runs
-# through ``slerp_many`` (batched) instead. Other modules (the MoE builder) register their own.
-REGISTRY: dict[str, Callable[..., torch.Tensor]] = {}
+log = logging.getLogger("mergekit_fast")
 
+ENTRY_POINT_GROUP = "mergekit_fast.methods"
 
-def register(name: str):
-    def deco(fn):
-        if name in REGISTRY:
-            raise ValueError(f"merge method {name!r} is already registered")
-        REGISTRY[name] = fn
-        return fn
+# The merge methods mergekit 0.1.5 registers (mergekit.merge_methods.registered_methods()).
+MERGEKIT_METHODS = (
+    "arcee_fusion", "breadcrumbs", "breadcrumbs_ties", "dare_linear", "dare_ties", "della", "della_linear",
+    "karcher", "linear", "model_stock", "multislerp", "nearswap", "nuslerp", "passthrough", "ram",
+    "ramplus_tl", "sce", "slerp", "task_arithmetic", "ties",
+)  # fmt: skip
 
-    return deco
+# Built-in method modules (each defines METHOD and possibly more MergeMethod instances).
+_BUILTINS = ("slerp", "linear", "passthrough")
 
-
-def apply(method: str, inputs: Sequence[torch.Tensor], params: dict) -> torch.Tensor:
-    """Run a registered method on one output tensor's inputs."""
-    if method == "slerp":
-        return slerp_many([params["t"]], [inputs[0]], [inputs[1]])[0]
-    fn = REGISTRY.get(method)
-    if fn is None:
-        raise ValueError(f"unknown merge method {method!r}")
-    return fn(inputs, **params)
-
-
-@register("linear")
-def _linear_method(inputs, weights, normalize=True):
-    return linear(inputs, weights, normalize)
-
-
-@register("passthrough")
-def _passthrough_method(inputs, scale=None):
-    return passthrough(inputs[0], scale)
-
-
-@register("concat")
-def _concat_method(inputs, shape):
-    """The inputs' elements one after another, reshaped to ``shape`` (the engine copies it file to file
-    when no dtype changes)."""
-    return torch.cat([x.reshape(-1) for x in inputs]).view(tuple(shape))
+_REGISTRY: dict[str, MergeMethod] = {}
+_loaded = False
 
 
-def linear(tensors: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool = True) -> torch.Tensor:
-    """Weighted sum with fp32 accumulation (fp64 for fp64 inputs), divided by sum(weights) if normalize."""
-    first = tensors[0]
-    if not first.is_floating_point():
-        raise TypeError("linear merging requires floating-point tensors")
-    dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
-    # mergekit holds the weights as a float32 tensor and accumulates with addcmul_: do the same,
-    # so the result is bit-identical.
-    w = torch.tensor(list(weights), dtype=torch.float32, device=first.device).to(dtype)
-    result = torch.zeros_like(first, dtype=dtype)
-    for tensor, coefficient in zip(tensors, w.unbind(0)):
-        result.addcmul_(tensor, coefficient)
-    if normalize:
-        result.div_(w.sum())
-    return result.to(first.dtype)
+def register(method: MergeMethod) -> MergeMethod:
+    """Make ``method`` available by its name; a name registered twice is an error."""
+    if not isinstance(method, MergeMethod):
+        raise TypeError(f"register() takes a MergeMethod instance, got {method!r}")
+    if not method.name:
+        raise ValueError(f"{type(method).__name__} has no name")
+    if method.name in _REGISTRY and _REGISTRY[method.name] is not method:
+        raise ValueError(f"merge method {method.name!r} is already registered")
+    _REGISTRY[method.name] = method
+    return method
 
 
-def passthrough(tensor: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    """The input unchanged, or multiplied by ``scale`` in its own dtype."""
-    return tensor if scale is None else tensor * scale
+def _register_module(module) -> None:
+    for value in vars(module).values():
+        if isinstance(value, MergeMethod):
+            register(value)
 
 
-def slerp_many(ts: Sequence[float], bases: Sequence[torch.Tensor], others: Sequence[torch.Tensor], *,
-               backend: str = "auto", outs: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:  # fmt: skip
-    """SLERP of many (base, other) pairs in as few kernel launches as possible."""
-    return slerp_batched(list(ts), list(bases), list(others), backend=backend, outs=outs)
+def _register_plugin(obj, where: str) -> None:
+    if isinstance(obj, type) and issubclass(obj, MergeMethod):
+        obj = obj()
+    if isinstance(obj, MergeMethod):
+        register(obj)
+    elif isinstance(obj, Iterable) and not isinstance(obj, (str, bytes)):
+        for item in obj:
+            _register_plugin(item, where)
+    elif callable(obj):
+        _register_plugin(obj(), where)
+    else:
+        raise TypeError(f"entry point {where} gives {obj!r}, not a MergeMethod")
+
+
+def _load() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for name in _BUILTINS:
+        _register_module(importlib.import_module(f"mergekit_fast.methods.{name}"))
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        where = f"{ep.name} = {ep.value} ({ENTRY_POINT_GROUP})"
+        try:
+            _register_plugin(ep.load(), where)
+        except Exception as exc:  # noqa: BLE001 - a broken plug-in must not break the built-ins
+            log.warning("merge method plug-in %s could not be loaded: %s: %s", where, type(exc).__name__, exc)
+
+
+def get(name: str) -> MergeMethod:
+    """The registered method called ``name`` (KeyError if none)."""
+    _load()
+    return _REGISTRY[name]
+
+
+def names(*, internal: bool = False) -> list[str]:
+    """The names of the registered methods (those a config may name, unless ``internal``)."""
+    _load()
+    return sorted(n for n, m in _REGISTRY.items() if internal or not m.internal)

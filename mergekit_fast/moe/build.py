@@ -26,10 +26,9 @@ from pathlib import Path
 
 import torch
 
-from mergekit_fast import output
 from mergekit_fast.config import ConfigError, dtype_from_name
 from mergekit_fast.dtypes import DType
-from mergekit_fast.engine import MergeOptions, MergeResult, resolve_device, run_merge
+from mergekit_fast.engine import MergeOptions, MergeResult, output, resolve_device, run_merge
 from mergekit_fast.io.model import ModelSource
 from mergekit_fast.moe import methods as _methods  # noqa: F401 - registers moe_concat / moe_constant
 from mergekit_fast.moe.arch import BuildContext, OutputArchitecture, select_output_arch

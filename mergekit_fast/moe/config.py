@@ -38,10 +38,10 @@ from mergekit_fast.config import (
     DTYPE_NAMES,
     ConfigError,
     NotSupportedError,
-    _describe,
     normalize_model_path,
     read_config_file,
 )
+from mergekit_fast.config.errors import describe
 
 LOG = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ def parse_moe_config(source: str, *, base_dir: str | os.PathLike | None = None) 
     try:
         raw = MoEConfiguration.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc)) from None
+        raise ConfigError(describe(exc)) from None
     base_dir = os.fspath(base_dir) if base_dir is not None else os.getcwd()
 
     if raw.gate_mode not in GATE_MODES:

@@ -1,4 +1,5 @@
-"""Merge methods of the MoE builder, run by the engine like any other method (methods.REGISTRY).
+"""Merge methods of the MoE builder, run by the engine like any other method (registered in
+mergekit_fast.methods when this module is imported).
 
 - ``moe_concat(inputs, shape, transforms, math_dtypes)``: the output holds the inputs' elements one after
   another, reshaped to ``shape`` -- the transformers-v5 fused expert layout (gate_up_proj: gate_0, up_0,
@@ -20,7 +21,8 @@ from collections.abc import Sequence
 
 import torch
 
-from mergekit_fast.methods import REGISTRY, register
+from mergekit_fast import methods
+from mergekit_fast.methods.base import BasePolicy, Context, Contract, MergeMethod, Param, Scope
 
 
 def expert_transform(x: torch.Tensor, noise_scale: float | None, seed: int | None, scale: float | None,
@@ -67,19 +69,47 @@ def moe_concat_ref(inputs: Sequence[torch.Tensor], shape, transforms=None, math_
     return torch.cat(parts).to(inputs[0].dtype).view(tuple(shape))
 
 
-def moe_constant(inputs: Sequence[torch.Tensor], value: torch.Tensor) -> torch.Tensor:
-    if inputs:
-        raise ValueError("moe_constant takes no inputs")
-    return value
+_EXACT = {"bfloat16": 0.0, "float16": 0.0, "float32": 0.0, "float64": 0.0}
 
 
-def _register() -> None:
-    if "moe_concat" not in REGISTRY:
-        register("moe_concat")(moe_concat)
-        REGISTRY["moe_concat"].reference = moe_concat_ref
-    if "moe_constant" not in REGISTRY:
-        register("moe_constant")(moe_constant)
-        REGISTRY["moe_constant"].reference = moe_constant  # the value is its own specification
+class MoEConcat(MergeMethod):
+    """The fused expert layout with mergekit's per-expert noise and residual scale."""
+
+    name = "moe_concat"
+    internal = True
+    same_shape = False
+    params = (
+        Param("shape", tuple, Scope.SHARED),
+        Param("transforms", object, Scope.SHARED, None),
+        Param("math_dtypes", object, Scope.SHARED, None),
+    )
+    contract = Contract(BasePolicy.IGNORED, 1, None)
+    tolerance = _EXACT
+
+    def compute(self, inputs, params, ctx: Context, out=None):
+        r = moe_concat(inputs, **params)
+        return r if out is None else out.copy_(r)
+
+    def reference(self, inputs, params, ctx: Context):
+        return moe_concat_ref(inputs, **params)
 
 
-_register()
+class MoEConstant(MergeMethod):
+    """A tensor computed up front (router gate weights, zero biases): no inputs."""
+
+    name = "moe_constant"
+    internal = True
+    same_shape = False
+    params = (Param("value", object, Scope.SHARED),)
+    contract = Contract(BasePolicy.IGNORED, 0, 0)
+    tolerance = _EXACT
+
+    def reference(self, inputs, params, ctx: Context):
+        if inputs:
+            raise ValueError("moe_constant takes no inputs")
+        return params["value"]  # the value is its own specification
+
+
+for _m in (MoEConcat(), MoEConstant()):
+    if _m.name not in methods.names(internal=True):
+        methods.register(_m)

@@ -4,7 +4,6 @@ backend dispatch and verify= cross-checking. This module holds what callers with
 
 from __future__ import annotations
 
-import math
 import os
 
 # SLERP: tensors up to this many elements go through the segmented (one-launch, single-pass) GPU
@@ -22,11 +21,10 @@ def verify_requested(flag: bool = False) -> bool:
 
 
 def check_slerp_t(t, where: str = "t") -> float:
-    """SLERP's interpolation factor as a float in [0, 1], or a ValueError naming ``where``."""
+    """SLERP's interpolation factor as a float, or a ValueError naming ``where``. As in mergekit 0.1.5,
+    any number is taken: values outside [0, 1] extrapolate (t = 1.5 goes half as far again past the
+    other model), and a NaN t gives NaN coefficients."""
     try:
-        t = float(t)
+        return float(t)
     except (TypeError, ValueError):
         raise ValueError(f"slerp: {where} must be a number, got {t!r}") from None
-    if math.isnan(t) or not 0.0 <= t <= 1.0:
-        raise ValueError(f"slerp: {where} must be in [0, 1], got {t}")
-    return t

@@ -1,4 +1,5 @@
-"""Where a merge writes, and how it gets there without ever touching an input.
+"""Where a merge writes, how it gets there without ever touching an input, and what it writes besides
+the weights (config.json, shard index, model card, tokenizer files).
 
 Rules (checked by ``check_target`` before anything is written):
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import json
 import os
 import re
 import shutil
@@ -30,7 +32,7 @@ import socket
 from collections.abc import Iterable
 from pathlib import Path
 
-from mergekit_fast.errors import OutputError
+from mergekit_fast.errors import MergeError, OutputError
 
 TMP_MARK = ".mergekit_fast-tmp-"
 OLD_MARK = ".mergekit_fast-old-"
@@ -228,3 +230,71 @@ def install(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         old.unlink()
+
+
+# ----------------------------------------------------------------------------- the files beside the weights
+
+
+def model_card(plan) -> str:
+    models = "\n".join(f"* {name}" for name in plan.sources)
+    methods_used = sorted({t.method for t in plan.tensors})
+    return (
+        "---\nlibrary_name: transformers\ntags:\n- mergekit\n- mergekit_fast\n- merge\n---\n"
+        "# merged model\n\n"
+        "This is a merge of pre-trained language models created with "
+        "[mergekit_fast](https://github.com/) (mergekit-compatible).\n\n"
+        f"## Merge details\n\nMerge method(s): {', '.join(methods_used)}\n\n"
+        f"### Models merged\n\n{models}\n\n"
+        f"### Configuration\n\n```yaml\n{plan.config_yaml.strip()}\n```\n"
+    )
+
+
+def check_tokenizer_files(plan, copy_tokenizer: bool) -> None:
+    """Every tokenizer file the output will copy can be read: a broken symlink or a file without read
+    permission is an error now, before any work, never a silently missing tokenizer."""
+    if not copy_tokenizer or plan.tokenizer_source is None:
+        return
+    src = Path(plan.tokenizer_source)
+    for name in TOKENIZER_FILES:
+        path = src / name
+        if not os.path.lexists(path):
+            continue
+        if not path.exists():
+            raise MergeError(f"{path}: tokenizer file is a broken symlink (to {os.readlink(path)})")
+        try:
+            with open(path, "rb") as f:
+                f.read(1)
+        except OSError as exc:
+            raise MergeError(f"{path}: cannot read the tokenizer file ({exc.strerror})") from None
+
+
+def finalize_files(
+    plan,
+    tmp: Path,
+    shard_files: list[str],
+    weight_map: dict,
+    total: int,
+    *,
+    write_model_card: bool,
+    copy_tokenizer: bool,
+) -> None:
+    """Everything but the weights: the shard index, config.json, the model card and merge config, the
+    tokenizer files."""
+    if len(shard_files) > 1:
+        index = {"metadata": {"total_size": total, "mergekit_version": "0.1.5"}, "weight_map": weight_map}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    (tmp / "config.json").write_text(json.dumps(plan.out_config, indent=2, sort_keys=True) + "\n")
+    if write_model_card:
+        # A plan may bring its own card and config file name (the MoE builder: mergekit_moe_config.yml).
+        (tmp / "README.md").write_text(getattr(plan, "model_card", None) or model_card(plan))
+        (tmp / getattr(plan, "config_file_name", "mergekit_config.yml")).write_text(plan.config_yaml)
+    if copy_tokenizer and plan.tokenizer_source is not None:
+        src = Path(plan.tokenizer_source)
+        for name in TOKENIZER_FILES:
+            if os.path.lexists(src / name):
+                try:
+                    shutil.copyfile(src / name, tmp / name)
+                except OSError as exc:
+                    raise MergeError(
+                        f"{src / name}: cannot copy the tokenizer file ({exc.strerror})"
+                    ) from None

@@ -1,0 +1,330 @@
+"""How a job's bytes move: the staging strategies, chosen per job once, when the run starts.
+
+Each strategy has four steps, called by the pipeline's three stages:
+
+  load(job)     loader thread: make the inputs available (map, prefault, stage) and, for in-place
+                outputs, map the output's pages;
+  compute(job)  compute stage: run the job's method into output buffers (or in place);
+  write(job)    writer thread: put the outputs at their offsets in their shards;
+  recycle(job)  writer thread: drop input pages, return buffers.
+
+Strategies:
+
+  Copy        the output is the inputs' bytes: copied file to file (copy_file_range), no decoding.
+  CpuNative   the method's native CPU kernel runs by address on the mapped inputs and writes straight
+              into a shared mapping of the output shard: no output buffer, no copy, no torch.
+  CpuMapped   torch views of the mapped inputs (pages faulted on the loader thread), the method's
+              torch compute into pooled output buffers, pwrite.
+  CudaPinned  inputs staged through pinned buffers and copied to the GPU on a copy stream; compute on
+              the device; the result copied back into pinned buffers on the compute stream.
+
+Memory: every strategy accounts what it holds in the run's buffer pools (``--max-memory``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+from dataclasses import dataclass, field
+
+from mergekit_fast import methods
+from mergekit_fast.engine.buffers import BufferPool, as_bytes, carve
+from mergekit_fast.engine.jobs import Job, params
+from mergekit_fast.errors import MergeError
+from mergekit_fast.io.safetensors import ShardWriter
+from mergekit_fast.methods import Context
+from mergekit_fast.plan import MergePlan, OutputTensor
+
+
+@dataclass
+class RunState:
+    """What the strategies of one run share: the plan, the output shards, the pools, the counters."""
+
+    plan: MergePlan
+    writers: dict[str, ShardWriter]  # output tensor name -> its shard
+    out_pool: BufferPool
+    in_pool: BufferPool | None  # CUDA staging only
+    backend: str
+    threads: int
+    seed: int | None
+    progress: object  # callable(bytes written)
+    bytes_read: int = 0
+    bytes_written: int = 0
+    finite_flags: list = field(default_factory=list)  # (name, bool or 0-d bool tensor)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def reader(self, ref):
+        src = self.plan.sources[ref.model]
+        return src.reader(src.tensors[ref.tensor].file)
+
+    def info(self, ref):
+        return self.plan.sources[ref.model].tensors[ref.tensor]
+
+    def count_read(self, n: int) -> None:
+        with self.lock:
+            self.bytes_read += n
+
+    def count_written(self, n: int) -> None:
+        with self.lock:
+            self.bytes_written += n
+        self.progress(n)
+
+    def ctx(self, t: OutputTensor) -> Context:
+        return Context(name=t.name, seed=self.seed, backend=self.backend, threads=self.threads)
+
+    def release_inputs(self, job: Job) -> None:
+        for t in job.tensors:
+            for ref in t.inputs:
+                self.reader(ref).release(ref.tensor)
+
+    @property
+    def nonfinite(self) -> list[str]:
+        return [name for name, ok in self.finite_flags if not bool(ok)]
+
+
+class Strategy:
+    def __init__(self, run: RunState):
+        self.run = run
+
+    def load(self, job: Job) -> None:
+        pass
+
+    def compute(self, job: Job) -> None:
+        pass
+
+    def write(self, job: Job) -> None:
+        for i, t in enumerate(job.tensors):
+            self.run.count_written(self.run.writers[t.name].write(t.name, job.outputs[i]))
+
+    def recycle(self, job: Job) -> None:
+        run = self.run
+        run.release_inputs(job)
+        if job.reserved:
+            run.out_pool.unreserve(job.reserved)
+            job.reserved = 0
+        for buf in job.staged:
+            run.in_pool.release(buf)
+        for buf in job.out_bufs:
+            run.out_pool.release(buf)
+        job.inputs.clear()
+        job.targets.clear()
+        job.outputs.clear()
+        job.staged.clear()
+        job.out_bufs.clear()
+
+    def check_shapes(self, t: OutputTensor) -> None:
+        if not methods.get(t.method).same_shape:
+            return  # such methods check their inputs' shapes when they are planned
+        for ref in t.inputs:
+            info = self.run.info(ref)
+            if tuple(info.shape) != tuple(t.shape):
+                raise MergeError(
+                    f"{info.file}: tensor {ref.tensor!r} has shape {tuple(info.shape)}, expected {tuple(t.shape)}"
+                )
+
+
+class Copy(Strategy):
+    """The output is the inputs' bytes one after another: file to file."""
+
+    def write(self, job: Job) -> None:
+        for t in job.tensors:
+            parts = [(self.run.reader(ref), ref.tensor) for ref in t.inputs]
+            n = self.run.writers[t.name].copy_in(t.name, parts)
+            self.run.count_read(n)
+            self.run.count_written(n)
+
+
+class CpuNative(Strategy):
+    """The method's native kernel, by address, from the mapped inputs into the mapped output shard."""
+
+    def load(self, job: Job) -> None:
+        for t in job.tensors:
+            self.check_shapes(t)
+            ins = []
+            for ref in t.inputs:
+                reader = self.run.reader(ref)
+                ins.append(reader.address(ref.tensor))
+                self.run.count_read(self.run.info(ref).nbytes)
+                # Fault the pages in here, on the loader thread, while compute works on the previous job.
+                reader.prefault(ref.tensor)
+            job.inputs.append(ins)
+            job.targets.append(self.run.writers[t.name].target(t.name))  # map (and zero) the output pages
+
+    def compute(self, job: Job) -> None:
+        run = self.run
+        ts = job.tensors
+        job.reserved = sum(math.prod(t.shape) * t.in_dtype.itemsize for t in ts)
+        run.out_pool.reserve(job.reserved)  # pages in flight until the writer drops them
+        by_dtype: dict[object, list[int]] = {}
+        for i, t in enumerate(ts):
+            by_dtype.setdefault(t.in_dtype, []).append(i)
+        method = job.method
+        for idx in by_dtype.values():
+            group = [ts[i] for i in idx]
+            flags = method.native_cpu(group, [job.inputs[i] for i in idx], [job.targets[i] for i in idx],
+                                      run.threads, run.seed)  # fmt: skip
+            if flags is None:
+                # finite_probe "first": a NaN/Inf input makes every element NaN, so one element tells.
+                flags = []
+                for t in group:
+                    first = run.writers[t.name].peek(t.name, t.in_dtype.itemsize)
+                    flags.append(not first or t.in_dtype.first_is_finite(first))
+            run.finite_flags.extend((t.name, bool(ok)) for t, ok in zip(group, flags))
+        run.release_inputs(job)
+
+    def write(self, job: Job) -> None:
+        for t in job.tensors:
+            self.run.count_written(self.run.writers[t.name].commit(t.name))
+
+
+def all_finite(x):
+    """0-d bool tensor: no NaN or Inf in ``x``. min/max propagate NaN and expose +-Inf, and one
+    aminmax pass is ~10x faster on the CPU than isfinite(x).all() for 16-bit tensors."""
+    import torch
+
+    if x.numel() == 0:
+        return torch.ones((), dtype=torch.bool, device=x.device)
+    lo, hi = torch.aminmax(x)
+    return torch.isfinite(lo) & torch.isfinite(hi)
+
+
+class _TorchCompute(Strategy):
+    """The method's torch compute on torch tensors (CPU views or staged device tensors)."""
+
+    def merge(self, job: Job, outs=None) -> list:
+        casted = [
+            [x if x.dtype == t.in_dtype else x.to(t.in_dtype.torch) for x in ins]
+            for t, ins in zip(job.tensors, job.inputs)
+        ]
+        method = job.method
+        ctxs = [self.run.ctx(t) for t in job.tensors]
+        ps = [params(t) for t in job.tensors]
+        if len(job.tensors) > 1 or method.batch_max_numel:
+            return method.compute_many(casted, ps, ctxs, outs)
+        return [method.compute(casted[0], ps[0], ctxs[0], None if outs is None else outs[0])]
+
+    def finish(self, job: Job, results: list) -> list:
+        """Cast to the output dtype and queue a finiteness check of each result."""
+        method = job.method
+        final = []
+        for t, r in zip(job.tensors, results):
+            if r.dtype != t.out_dtype:
+                r = r.to(t.out_dtype.torch)
+            if r.is_floating_point():
+                # A 0-d tensor: on CUDA it is read once at the end, so no sync here.
+                probe = r.reshape(-1)[:1] if method.finite_probe == "first" else r
+                self.run.finite_flags.append((t.name, all_finite(probe)))
+            final.append(r)
+        return final
+
+
+class CpuMapped(_TorchCompute):
+    """torch views of the mapped inputs; outputs in pooled buffers; pwrite."""
+
+    def load(self, job: Job) -> None:
+        for t in job.tensors:
+            self.check_shapes(t)
+            ins = []
+            for ref in t.inputs:
+                reader = self.run.reader(ref)
+                ins.append(reader.view(ref.tensor))
+                self.run.count_read(self.run.info(ref).nbytes)
+                reader.prefault(ref.tensor)
+            job.inputs.append(ins)
+
+    def compute(self, job: Job) -> None:
+        run = self.run
+        outs = None
+        if job.method.batch_max_numel:
+            # Outputs straight into pooled buffers: no fresh allocations, no page faults.
+            buf, outs = carve(run.out_pool, [(t.in_dtype, tuple(t.shape)) for t in job.tensors])
+            job.out_bufs.append(buf)
+        results = self.finish(job, self.merge(job, outs))
+        # The inputs are no longer needed: drop their pages now, not when the job is written.
+        run.release_inputs(job)
+        pooled = {as_bytes(b).data_ptr() for b in job.out_bufs}
+        extra = sum(r.nbytes for r in results if r.untyped_storage().data_ptr() not in pooled)
+        if extra:
+            run.out_pool.reserve(extra)
+            job.reserved = extra
+        job.outputs.extend(results)
+
+
+class CudaPinned(_TorchCompute):
+    """Inputs staged through pinned buffers to the GPU on a copy stream; results back to pinned buffers."""
+
+    def __init__(self, run: RunState, device):
+        super().__init__(run)
+        import torch
+
+        self.device = device
+        self.copy_stream = torch.cuda.Stream(device)
+        self.compute_stream = torch.cuda.current_stream(device)
+
+    def load(self, job: Job) -> None:
+        import torch
+
+        views = []
+        for t in job.tensors:
+            self.check_shapes(t)
+            ins = []
+            for ref in t.inputs:
+                view = self.run.reader(ref).view(ref.tensor)
+                self.run.count_read(self.run.info(ref).nbytes)
+                ins.append(view)
+                views.append(view)
+            job.inputs.append(ins)
+        # Stage every input of the job through one pinned buffer, then copy to the device.
+        buf, staged = carve(self.run.in_pool, [(v.dtype, tuple(v.shape)) for v in views])
+        job.staged.append(buf)
+        it = iter(staged)
+        with torch.cuda.stream(self.copy_stream):
+            for ins in job.inputs:
+                for i, view in enumerate(ins):
+                    host = next(it)
+                    host.copy_(view)
+                    ins[i] = host.to(self.device, non_blocking=True)
+        self.run.release_inputs(job)
+        job.event = torch.cuda.Event()
+        job.event.record(self.copy_stream)
+
+    def compute(self, job: Job) -> None:
+        import torch
+
+        self.compute_stream.wait_event(job.event)
+        for ins in job.inputs:
+            for x in ins:
+                x.record_stream(self.compute_stream)
+        results = self.finish(job, self.merge(job))
+        buf, hosts = carve(self.run.out_pool, [(r.dtype, tuple(r.shape)) for r in results])
+        job.out_bufs.append(buf)
+        for host, r in zip(hosts, results):
+            host.copy_(r, non_blocking=True)
+        job.event = torch.cuda.Event()
+        job.event.record(self.compute_stream)
+        job.outputs.extend(hosts)
+
+    def write(self, job: Job) -> None:
+        if job.event is not None:
+            job.event.synchronize()
+        super().write(job)
+
+
+class ReadAhead:
+    """Asks the kernel to read the inputs of the next jobs (posix_fadvise WILLNEED), ``budget`` bytes ahead."""
+
+    def __init__(self, run: RunState, jobs: list[Job], budget: int):
+        self.run, self.jobs, self.budget = run, jobs, budget
+        self.next = 0
+
+    def advance(self, current: int) -> None:
+        if self.next > current + 1:
+            return
+        total = 0
+        while self.next < len(self.jobs) and total < self.budget:
+            for t in self.jobs[self.next].tensors:
+                for ref in t.inputs:
+                    with contextlib.suppress(OSError):
+                        total += self.run.reader(ref).willneed(ref.tensor)
+            self.next += 1
