@@ -57,4 +57,4 @@ def test_randint_range():
     idx = rng.randint(1000, 5, "q", 0, 100_000)
     assert int(idx.min()) >= 0 and int(idx.max()) < 1000
     counts = torch.bincount(idx, minlength=1000).float()
-    assert counts.std() / counts.mean() < 0.1
+    assert counts.std() / counts.mean() < 0.13  # binomial: about 1/sqrt(100) = 0.1
