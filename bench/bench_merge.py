@@ -7,6 +7,7 @@ Mistral-shaped checkpoints built once and cached under bench/cache/ (generated, 
     python bench/bench_merge.py                 # two ~0.85B bf16 models (hidden 2048, 16 layers)
     python bench/bench_merge.py --quick         # two ~0.1B models
     python bench/bench_merge.py --method dus    # depth up-scaling instead of the gradient SLERP
+    python bench/bench_merge.py --method ties   # any method with a config in bench/method_configs.py
 """
 
 from __future__ import annotations
@@ -20,8 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-
-from mergekit_fast.testing import slerp_gradient_config  # noqa: E402
+import method_configs  # noqa: E402
 
 SIZES = {
     # name: (hidden, layers, intermediate, vocab, heads, kv heads)
@@ -31,20 +31,7 @@ SIZES = {
     "tiny": (128, 4, 352, 512, 4, 2),
 }
 
-DUS = """\
-slices:
-  - sources:
-      - model: {a}
-        layer_range: [0, {k}]
-  - sources:
-      - model: {a}
-        layer_range: [{d}, {n}]
-merge_method: passthrough
-dtype: bfloat16
-"""
-
-
-def models(size: str, synthetic: bool = False) -> tuple[Path, Path, int]:
+def models(size: str, synthetic: bool = False) -> tuple[Path, Path, Path, int]:
     h, n, i, v, heads, kv = SIZES[size]
     kw = dict(
         num_layers=n, hidden_size=h, intermediate_size=i, vocab_size=v, num_heads=heads, num_kv_heads=kv
@@ -54,16 +41,17 @@ def models(size: str, synthetic: bool = False) -> tuple[Path, Path, int]:
 
         root = common.RESULTS.parent / "cache"
         paths = []
-        for tag, seed in (("a", 1), ("b", 2)):
+        for tag, seed in (("a", 1), ("b", 2), ("c", 3)):
             path = root / f"synthetic-{size}-{tag}"
             if not (path / "config.json").exists():
                 make_synthetic_model(path, seed=seed, **kw)
             paths.append(path)
-        return paths[0], paths[1], n
+        return paths[0], paths[1], paths[2], n
     kw["arch"] = "mistral"
     return (
         common.cached_model(f"mistral-{size}-a", seed=1, **kw),
         common.cached_model(f"mistral-{size}-b", seed=2, **kw),
+        common.cached_model(f"mistral-{size}-c", seed=3, **kw),
         n,
     )
 
@@ -72,7 +60,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small models, one run each")
     p.add_argument("--size", choices=sorted(SIZES), default=None)
-    p.add_argument("--method", choices=["slerp", "dus"], default="slerp")
+    p.add_argument("--method", choices=method_configs.methods(), default="slerp")
     p.add_argument("--runs", type=int, default=None, help="runs per tool (default 3, quick 1)")
     p.add_argument(
         "--warmup", type=int, default=None, help="untimed runs per tool first (default 1, quick 0)"
@@ -88,16 +76,11 @@ def main(argv=None) -> int:
     size = args.size or ("0.1b" if args.quick else "0.85b")
     runs = args.runs or (1 if args.quick else 3)
     args.warmup = args.warmup if args.warmup is not None else (0 if args.quick else 1)
-    a, b, n = models(size, args.synthetic)
+    a, b, c, n = models(size, args.synthetic)
     bindir = Path(sys.executable).parent
     work = Path(tempfile.mkdtemp(prefix="mkf-bench-"))
     cfg = work / "config.yml"
-    text = (
-        slerp_gradient_config(a, b, n)
-        if args.method == "slerp"
-        else DUS.format(a=a, k=n - n // 4, d=n // 4, n=n)
-    )
-    cfg.write_text(text)
+    cfg.write_text(method_configs.config(args.method, a, b, c, n))
     tools = {"mergekit_fast": [str(bindir / "mergekit-fast"), "merge", str(cfg), str(work / "out_fast"), "--force",
                                 "--device", args.device, "--no-progress", "-q", "--verify", args.verify]}  # fmt: skip
     if not args.skip_mergekit:
@@ -114,7 +97,7 @@ def main(argv=None) -> int:
         shutil.rmtree(work, ignore_errors=True)
     size_bytes = sum(f.stat().st_size for f in a.glob("*.safetensors"))
     base = {"bench": f"merge_{args.method}", "model": size, "model_bytes": size_bytes, "device": args.device}
-    rate = ("input_GBps", (2 if args.method == "slerp" else 1) * size_bytes)
+    rate = ("input_GBps", method_configs.inputs(args.method) * size_bytes)
     rows = common.summarize_tools(results, base, f"{args.method} {size}", "mergekit", rate)
     csv_path, _ = common.write_rows(rows, args.out, f"merge-{args.method}-{size}-{common.machine_tag()}")
     print(f"wrote {csv_path}")

@@ -77,6 +77,7 @@ class MergeResult:
     shards: int
     verify_max_ulp: float | None = None
     nonfinite: list[str] = field(default_factory=list)
+    random_seed: int | None = None  # the seed of the random draws (given, or drawn for this run)
     # seconds per phase (plan, gates, merge, verify); ``seconds`` is the whole run, start-up included
     phases: dict[str, float] = field(default_factory=dict)
 
@@ -229,6 +230,14 @@ def run_merge(
     opt = options or MergeOptions()
     t0 = time.perf_counter()
     started = t0 if started is None else started
+    if opt.random_seed is None and any(methods.get(t.method).random for t in plan.tensors):
+        # Every merge can be repeated: a random method without --random-seed gets a fresh seed, told.
+        import dataclasses
+        import secrets
+
+        opt = dataclasses.replace(opt, random_seed=secrets.randbits(63))
+        log.warning("random seed %d (pass --random-seed %d to repeat this merge)", opt.random_seed,
+                    opt.random_seed)  # fmt: skip
     try:
         out = output.check_target(out_path, input_dirs(plan), force=opt.force,
                                   force_unrecognized=opt.force_unrecognized)  # fmt: skip
@@ -316,4 +325,5 @@ def run_merge(
         verify_max_ulp=verify_ulp,
         nonfinite=nonfinite,
         phases=parts,
+        random_seed=opt.random_seed,
     )

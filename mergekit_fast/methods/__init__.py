@@ -1,8 +1,9 @@
 """Merge methods: the protocol (``base``), one file per method, and the registry.
 
 ``get(name)`` returns a registered ``MergeMethod``; ``names()`` lists the ones a config may name.
-Built-ins are the modules listed in ``_BUILTINS`` (each defines ``METHOD``, and may define more
-instances); other installed packages add methods through the entry-point group
+Built-ins are the modules of this package (every module but ``base`` and ``rng`` and those whose
+name starts with ``_``): each defines its ``MergeMethod`` instances at module level, and importing it
+must not import torch. Other installed packages add methods through the entry-point group
 ``mergekit_fast.methods`` (the entry point names a MergeMethod instance, a MergeMethod subclass, or
 an iterable of either), loaded the first time the registry is consulted. See the README ("Adding a
 merge method") for a complete example.
@@ -46,8 +47,13 @@ MERGEKIT_METHODS = (
     "ramplus_tl", "sce", "slerp", "task_arithmetic", "ties",
 )  # fmt: skip
 
-# Built-in method modules (each defines METHOD and possibly more MergeMethod instances).
-_BUILTINS = ("slerp", "linear", "passthrough")
+_NOT_METHODS = frozenset({"base", "rng"})
+
+
+def _builtin_modules() -> list[str]:
+    import pkgutil
+
+    return sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_") and m.name not in _NOT_METHODS)
 
 _REGISTRY: dict[str, MergeMethod] = {}
 _loaded = False
@@ -90,7 +96,7 @@ def _load() -> None:
     if _loaded:
         return
     _loaded = True
-    for name in _BUILTINS:
+    for name in _builtin_modules():
         _register_module(importlib.import_module(f"mergekit_fast.methods.{name}"))
     from importlib.metadata import entry_points
 

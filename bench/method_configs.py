@@ -1,0 +1,61 @@
+"""One benchmark config per merge method, for ``bench/bench_merge.py --method NAME``.
+
+Each entry is a YAML template over the models ``{a}`` (the base where the method has one), ``{b}``,
+``{c}`` and the layer count ``{n}``; parameters are the ones mergekit's docs and tests use. A method's
+file adds its entry here when it lands.
+"""
+
+from __future__ import annotations
+
+from mergekit_fast.testing import slerp_gradient_config
+
+DUS = """\
+slices:
+  - sources:
+      - model: {a}
+        layer_range: [0, {k}]
+  - sources:
+      - model: {a}
+        layer_range: [{d}, {n}]
+merge_method: passthrough
+dtype: bfloat16
+"""
+
+CONFIGS: dict[str, str] = {
+    "linear": """\
+models:
+  - model: {a}
+    parameters: {{weight: 0.5}}
+  - model: {b}
+    parameters: {{weight: 0.3}}
+  - model: {c}
+    parameters: {{weight: 0.2}}
+merge_method: linear
+dtype: bfloat16
+""",
+}
+
+
+def config(method: str, a, b, c, n: int) -> str:
+    """The benchmark config of ``method`` over models a, b, c with n layers each."""
+    if method == "slerp":
+        return slerp_gradient_config(a, b, n)
+    if method == "dus":
+        return DUS.format(a=a, k=n - n // 4, d=n // 4, n=n)
+    if method not in CONFIGS:
+        raise SystemExit(f"no benchmark config for {method!r}; known: slerp, dus, {', '.join(sorted(CONFIGS))}")
+    return CONFIGS[method].format(a=a, b=b, c=c, n=n)
+
+
+def inputs(method: str) -> int:
+    """How many distinct input models the benchmark config reads (for the input-rate column)."""
+    if method == "dus":
+        return 1
+    if method == "slerp":
+        return 2
+    text = CONFIGS.get(method, "")
+    return sum(1 for key in ("{a}", "{b}", "{c}") if key in text)
+
+
+def methods() -> list[str]:
+    return ["slerp", "dus", *sorted(CONFIGS)]
