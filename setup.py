@@ -156,6 +156,7 @@ setup(
         "mergekit_fast",
         "mergekit_fast.config",
         "mergekit_fast.engine",
+        "mergekit_fast.integrations",
         "mergekit_fast.ops",
         "mergekit_fast.io",
         "mergekit_fast.methods",
