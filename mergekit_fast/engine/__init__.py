@@ -214,6 +214,34 @@ def _execute(
     return run
 
 
+def _open_shards(plan: MergePlan, tmp: Path, shard_size: int):
+    """Lay out and preallocate the output shards: (shard writers, writer per tensor name, weight map,
+    shard file names, total bytes)."""
+    shards = assign_shards(plan.tensors, shard_size)
+    names = shard_names(len(shards))
+    shard_writers: list[ShardWriter] = []
+    writers: dict[str, ShardWriter] = {}
+    weight_map: dict[str, str] = {}
+    total = 0
+    try:
+        for fname, ts in zip(names, shards):
+            entries = [(t.name, t.out_dtype, tuple(t.shape)) for t in ts]
+            try:
+                w = ShardWriter(tmp / fname, entries, metadata={"format": "pt"})
+            except OSError as exc:
+                raise MergeError(f"{tmp / fname}: cannot create the shard ({exc.strerror})") from None
+            shard_writers.append(w)
+            for t in ts:
+                writers[t.name] = w
+                weight_map[t.name] = fname
+                total += math.prod(t.shape) * itemsize(t.out_dtype)
+    except BaseException:
+        for w in shard_writers:
+            w.abort()
+        raise
+    return shard_writers, writers, weight_map, names, total
+
+
 def run_merge(
     plan: MergePlan,
     out_path: str | os.PathLike,
@@ -260,22 +288,7 @@ def run_merge(
     shard_writers: list[ShardWriter] = []
     bar = None
     try:
-        shards = assign_shards(plan.tensors, opt.out_shard_size)
-        names = shard_names(len(shards))
-        writers: dict[str, ShardWriter] = {}
-        weight_map: dict[str, str] = {}
-        total = 0
-        for fname, ts in zip(names, shards):
-            entries = [(t.name, t.out_dtype, tuple(t.shape)) for t in ts]
-            try:
-                w = ShardWriter(tmp / fname, entries, metadata={"format": "pt"})
-            except OSError as exc:
-                raise MergeError(f"{tmp / fname}: cannot create the shard ({exc.strerror})") from None
-            shard_writers.append(w)
-            for t in ts:
-                writers[t.name] = w
-                weight_map[t.name] = fname
-                total += math.prod(t.shape) * itemsize(t.out_dtype)
+        shard_writers, writers, weight_map, names, total = _open_shards(plan, tmp, opt.out_shard_size)
         show = opt.progress if opt.progress is not None else sys.stderr.isatty()
         if show:
             from tqdm import tqdm
