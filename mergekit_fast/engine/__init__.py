@@ -142,7 +142,12 @@ def _runs_natively(t, plan: MergePlan, writers: dict[str, ShardWriter]) -> bool:
         return False
     if t.in_dtype.native is None or t.out_dtype != t.in_dtype or not writers[t.name].mappable:
         return False
-    return all(plan.sources[r.model].tensors[r.tensor].dtype == t.in_dtype for r in t.inputs)
+    for r in t.inputs:
+        src = plan.sources[r.model]
+        info = src.tensors[r.tensor]
+        if info.dtype != t.in_dtype or not src.reader(info.file).addressable(r.tensor):
+            return False
+    return True
 
 
 def _warn_small_budget(plan: MergePlan, opt: MergeOptions, cuda: bool) -> None:

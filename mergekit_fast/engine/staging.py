@@ -228,7 +228,10 @@ class CpuMapped(_TorchCompute):
             ins = []
             for ref in t.inputs:
                 reader = self.run.reader(ref)
-                ins.append(reader.view(ref.tensor))
+                view = reader.view(ref.tensor)
+                if view.device.type != "cpu":  # an in-memory input on another device
+                    view = view.cpu()
+                ins.append(view)
                 self.run.count_read(self.run.info(ref).nbytes)
                 reader.prefault(ref.tensor)
             job.inputs.append(ins)
@@ -273,15 +276,20 @@ class CudaPinned(_TorchCompute):
                 view = self.run.reader(ref).view(ref.tensor)
                 self.run.count_read(self.run.info(ref).nbytes)
                 ins.append(view)
-                views.append(view)
+                if view.device.type == "cpu":
+                    views.append(view)
             job.inputs.append(ins)
-        # Stage every input of the job through one pinned buffer, then copy to the device.
+        # Stage every host input of the job through one pinned buffer, then copy to the device (an
+        # in-memory input already on the GPU is used as it is).
         buf, staged = carve(self.run.in_pool, [(v.dtype, tuple(v.shape)) for v in views])
         job.staged.append(buf)
         it = iter(staged)
         with torch.cuda.stream(self.copy_stream):
             for ins in job.inputs:
                 for i, view in enumerate(ins):
+                    if view.device.type != "cpu":
+                        ins[i] = view.to(self.device, non_blocking=True)
+                        continue
                     host = next(it)
                     host.copy_(view)
                     ins[i] = host.to(self.device, non_blocking=True)

@@ -213,6 +213,9 @@ class ShardReader:
     def fileno(self) -> int:
         return self._file.fileno()
 
+    def addressable(self, name: str) -> bool:
+        return True
+
     def release(self, name: str) -> None:
         """Drop the tensor's pages from this process (they stay in the page cache)."""
         info = self.tensors[name]
