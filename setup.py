@@ -161,7 +161,7 @@ setup(
         "mergekit_fast.triton_kernels",
     ],
     package_dir={"mergekit_fast.triton_kernels": "triton_kernels"},
-    package_data={"mergekit_fast": ["_build_info.json", "py.typed"]},
+    package_data={"mergekit_fast": ["py.typed"]},
     ext_modules=_extensions(),
     cmdclass={"build_ext": NativeBuild},
     zip_safe=False,
