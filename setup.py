@@ -400,7 +400,7 @@ def _pure_record() -> dict:
     return {
         "mergekit_fast": _version(),
         "native": False,
-        "reason": "MERGEKIT_FAST_SKIP_NATIVE=1 at build time (pure-Python install: torch and triton backends only)",
+        "reason": "MERGEKIT_FAST_SKIP_NATIVE=1 at build time: a pure-Python install, torch and triton backends only",
         "platform": sysconfig.get_platform(),
         "python": sys.implementation.cache_tag,
     }

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from fixtures_models import make_model
+from helpers import needs_native
 from safetensors import safe_open
 
 from mergekit_fast import cli
@@ -310,6 +311,7 @@ def test_cli_errors_name_the_problem(models, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+@needs_native
 def test_native_cpu_path_equals_the_torch_paths(models, tmp_path, monkeypatch):
     # On the CPU, SLERP without a dtype change runs the native kernel on raw addresses (no torch);
     # the same kernel called through the op, and the torch reference, give the same bits.
