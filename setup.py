@@ -299,7 +299,7 @@ class NativeBuild(build_ext):
             _say(f"building {MODULE}: CPU kernels for {', '.join(levels)}"
                  + (f"; CUDA for sm_{', sm_'.join(cuda['sass'])}"
                     + (f" + PTX compute_{', compute_'.join(cuda['ptx'])}" if cuda["ptx"] else "")
-                    + f" (nvcc {cuda['nvcc']}; the slowest part, about a minute per target here)"
+                    + f" (nvcc {cuda['nvcc']}: the slowest part, one to three minutes on 2 cores)"
                     if cuda["built"] else f"; no CUDA: {cuda['reason']}"))  # fmt: skip
             # Objects linked after the baseline ones (cpu_isa.h: the linker keeps the first copy
             # of shared inline code, so the baseline's).
