@@ -41,7 +41,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 from setuptools.command.build_py import build_py
 from setuptools.errors import CompileError
@@ -427,14 +427,9 @@ class BuildPy(build_py):
 NATIVE_REQUESTED = not _flag("MERGEKIT_FAST_SKIP_NATIVE")
 
 setup(
-    packages=[
-        "mergekit_fast",
-        "mergekit_fast.ops",
-        "mergekit_fast.io",
-        "mergekit_fast.methods",
-        "mergekit_fast.moe",
-        "mergekit_fast.triton_kernels",
-    ],
+    # Every package under mergekit_fast/ (a new subpackage needs no entry here), and triton_kernels/
+    # installed as mergekit_fast.triton_kernels.
+    packages=[*find_packages(include=["mergekit_fast", "mergekit_fast.*"]), "mergekit_fast.triton_kernels"],
     package_dir={"mergekit_fast.triton_kernels": "triton_kernels"},
     package_data={"mergekit_fast": ["py.typed"]},
     ext_modules=[Extension(MODULE, sources=_cpp_sources(), language="c++")] if NATIVE_REQUESTED else [],
