@@ -127,7 +127,7 @@ _LEVELS = ["baseline", "avx2", "avx512"]
 
 # Runs in a fresh interpreter under MERGEKIT_FAST_CPU_ISA: the C++ kernels on tails, block edges
 # and adversarial routing rows, each compared with the torch reference, and a digest of every
-# output byte (and of the fp64 sums) so that the levels can be compared with each other.
+# output byte so that the levels can be compared with each other.
 _LEVEL_CHECK = r"""
 import hashlib, torch
 import mergekit_fast as mk
@@ -146,7 +146,6 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         exact = torch.equal(out, ref) if dtype != torch.float64 else torch.allclose(out, ref, 1e-14, 1e-14)
         assert exact, (dtype, n)
         h.update(out.view(torch.uint8).numpy().tobytes())
-        h.update(repr(C.slerp_sums_cpu(_native.dtype_tag(dtype), a.data_ptr(), b.data_ptr(), n, 0)).encode())
     outs = mk.slerp_batched([0.1, 0.9, 0.5], [a[:5], a[:4000], a], [b[:5], b[:4000], b], backend="cpp")
     for o in outs:
         h.update(o.view(torch.uint8).numpy().tobytes())
