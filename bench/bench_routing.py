@@ -58,36 +58,10 @@ def providers(device: str, with_ref: bool) -> dict:
 
 
 def plot(rows: list[dict], path: Path, title: str) -> Path | None:
-    try:
-        import matplotlib
+    """One panel per (E, k) (bench/plot.py draws it); None, and no file, without matplotlib."""
+    from plot import routing_chart
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    Es = sorted({r["E"] for r in rows})
-    ks = sorted({r["k"] for r in rows})
-    fig, axes = plt.subplots(len(ks), len(Es), figsize=(4.2 * len(Es), 3.4 * len(ks)), squeeze=False)
-    for i, k in enumerate(ks):
-        for j, E in enumerate(Es):
-            ax = axes[i][j]
-            sub = [r for r in rows if r["E"] == E and r["k"] == k]
-            for name in sorted({r["provider"] for r in sub}):
-                pts = sorted((r["T"], r["us"]) for r in sub if r["provider"] == name)
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.set_title(f"E={E}, k={k}")
-            ax.set_xlabel("tokens T")
-            ax.set_ylabel("median time (us)")
-            ax.grid(True, alpha=0.3)
-            ax.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return routing_chart(rows, path, title)
 
 
 def main(argv=None) -> int:
@@ -156,7 +130,10 @@ def main(argv=None) -> int:
         gm = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
         print(f"{p}: speed-up over torch eager: geometric mean {gm:.2f}x, min {min(ratios):.2f}x, "
               f"max {max(ratios):.2f}x over {len(ratios)} points")  # fmt: skip
-    print(f"wrote {csv_path}" + (f" and {png}" if png else ""))
+    print(
+        f"wrote {csv_path}"
+        + (f" and {png}" if png else f"; no plot (no matplotlib): python bench/plot.py {csv_path}")
+    )
     return 0
 
 

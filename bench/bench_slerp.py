@@ -137,9 +137,10 @@ def main(argv=None) -> int:
         r["frac_of_copy"] = r["GBps"] / ceiling
     csv_path, _ = common.write_rows(rows, args.out, stem)
     big = [r for r in rows if r["bench"] == "slerp" and r["dtype"] == "bfloat16"]
-    common.plot_throughput(big, args.out / f"{stem}.png", x="numel", ceiling=ceiling,
-                           title=f"SLERP bf16 on {args.device} ({common.machine_tag()})")  # fmt: skip
-    print(f"wrote {csv_path} and {stem}.png (copy bandwidth {ceiling:.1f} GB/s)")
+    png = common.plot_throughput(big, args.out / f"{stem}.png", x="numel", ceiling=ceiling,
+                                 title=f"SLERP bf16 on {args.device} ({common.machine_tag()})")  # fmt: skip
+    plotted = f" and {png}" if png else f"; no plot (no matplotlib): python bench/plot.py {csv_path}"
+    print(f"wrote {csv_path}{plotted} (copy bandwidth {ceiling:.1f} GB/s)")
     return 0
 
 

@@ -119,32 +119,10 @@ def write_rows(rows: list[dict], out_dir: Path, stem: str, meta: dict | None = N
 
 def plot_throughput(rows: list[dict], path: Path, *, x: str, y: str = "GBps", series: str = "backend",
                     title: str = "", ceiling: float | None = None, logx: bool = True) -> Path | None:  # fmt: skip
-    """Throughput against size, one line per series, the device's copy bandwidth as the ceiling."""
-    try:
-        import matplotlib
+    """Throughput against size (bench/plot.py draws it); None, and no file, without matplotlib."""
+    from plot import throughput_chart
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name in sorted({r[series] for r in rows}):
-        pts = sorted((r[x], r[y]) for r in rows if r[series] == name)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
-    if ceiling:
-        ax.axhline(ceiling, color="gray", linestyle="--", label=f"copy bandwidth {ceiling:.1f} GB/s")
-    if logx:
-        ax.set_xscale("log", base=2)
-    ax.set_xlabel(x)
-    ax.set_ylabel(y)
-    ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return throughput_chart(rows, path, x=x, y=y, series=series, title=title, ceiling=ceiling, logx=logx)
 
 
 _RSS_WRAPPER = (

@@ -3,11 +3,16 @@
 #
 #   bench/gpu_check.sh RESULTS_DIR
 #
-# 1. installs the project without network, CUDA built for the local GPU only;
+# 1. installs the project without network (CUDA built for the local GPU only) and fails that step
+#    unless mergekit_fast._C imports, with its CUDA kernels where there is a GPU;
 # 2. runs the GPU-marked tests;
-# 3. runs the kernel benchmarks (SLERP large and segmented, routing);
+# 3. runs the kernel benchmark of every op: for each mergekit_fast/ops/<op>.py, bench/bench_<op>.py
+#    with the common flags `--quick --device DEV --out DIR` (a new op's benchmark accepts them
+#    and is picked up; an op without one fails its step, bench_<op>: FAIL (missing));
 # 4. merges two random ~1B models end to end on the GPU and on the CPU path;
-# 5. prints a pass/fail summary with the key figures.
+# 5. prints a pass/fail summary with the key figures and the files actually written.
+# Plots need matplotlib. Without it the benchmarks write their CSVs only, and the summary says so;
+# make the plots afterwards on any machine with matplotlib: python bench/plot.py RESULTS_DIR/*.csv
 # Without a GPU it says so and runs the CPU parts (CI runs it that way: GPU_CHECK_SIZE=tiny).
 # Budget: about 8 minutes on an H200. Missing Python packages there can travel as wheels in ./.whl
 # (see /work/.library/device/README.md); they are installed first when present.
@@ -18,9 +23,12 @@ SIZE=${GPU_CHECK_SIZE:-1b}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 declare -A STATUS
+ORDER=()
 log() { echo "[gpu_check] $*"; }
 step() {  # step NAME CMD... : run, tee the log, record pass/fail
-  local name=$1; shift
+  local name=$1
+  shift
+  ORDER+=("$name")
   log "== $name"
   if "$@" > >(tee "$OUT/$name.log") 2>&1; then STATUS[$name]=pass; else STATUS[$name]=FAIL; fi
 }
@@ -39,11 +47,21 @@ else
   log "no GPU visible: running the CPU parts only"
 fi
 
-if ! $PY -c "import mergekit_fast._C" 2>/dev/null || [ "$GPU" = 1 ]; then
-  step install $PY -m pip install -q --no-build-isolation --no-deps -e .
-else
-  STATUS[install]=pass
-fi
+install() {
+  if ! $PY -c "import mergekit_fast._C" 2>/dev/null || [ "$GPU" = 1 ]; then
+    # No build isolation: there is no network here, and setuptools and pybind11 are installed.
+    $PY -m pip install -q --no-build-isolation --no-deps -e . || return 1
+  fi
+  if ! $PY -c "import mergekit_fast._C"; then
+    echo "the native module mergekit_fast._C does not import: every native benchmark would be skipped"
+    return 1
+  fi
+  if [ "$GPU" = 1 ] && ! $PY -c "import sys, mergekit_fast._C as C; sys.exit(0 if C.with_cuda else 1)"; then
+    echo "the native module has no CUDA kernels (was nvcc found?)"
+    return 1
+  fi
+}
+step install install
 step info $PY -m mergekit_fast.info
 
 DEVICE=cpu
@@ -51,9 +69,23 @@ if [ "$GPU" = 1 ]; then
   DEVICE=cuda
   step gpu_tests $PY -m pytest -q -m gpu -p no:cacheprovider tests/
 fi
-QUICK=--quick
-step bench_slerp $PY bench/bench_slerp.py $QUICK --device $DEVICE --out "$OUT"
-step bench_routing $PY bench/bench_routing.py $QUICK --device $DEVICE --out "$OUT"
+
+HAVE_MPL=1
+$PY -c "import matplotlib" 2>/dev/null || HAVE_MPL=0
+[ "$HAVE_MPL" = 1 ] || log "matplotlib is not installed: the benchmarks write CSVs only (plots: bench/plot.py)"
+missing() {
+  echo "no bench/$1.py for mergekit_fast/ops/${1#bench_}.py"
+  return 1
+}
+for op_file in mergekit_fast/ops/*.py; do
+  op=$(basename "$op_file" .py)
+  case $op in _* | __*) continue ;; esac
+  if [ -f "bench/bench_$op.py" ]; then
+    step "bench_$op" $PY "bench/bench_$op.py" --quick --device $DEVICE --out "$OUT"
+  else
+    step "bench_$op" missing "bench_$op"
+  fi
+done
 step e2e_cpu $PY bench/bench_merge.py --synthetic --size "$SIZE" --skip-mergekit --runs 1 --device cpu \
   --verify 8 --out "$OUT"
 if [ "$GPU" = 1 ]; then
@@ -63,7 +95,7 @@ fi
 
 log "== summary ($OUT)"
 $PY - "$OUT" <<'EOF'
-import csv, glob, sys
+import csv, glob, os, sys
 out = sys.argv[1]
 def rows(pattern):
     r = []
@@ -82,9 +114,15 @@ for r in rows("routing*.csv"):
 for r in rows("merge-*.csv"):
     print(f"  merge {r['bench']} {r['model']} on {r['device']}: {float(r['seconds']):.2f} s, "
           f"{float(r['input_GBps']):.2f} GB/s of input, peak RSS {int(r['peak_rss']) / 2**30:.2f} GiB")
+for kind in ("csv", "png"):
+    files = sorted(os.path.basename(f) for f in glob.glob(f"{out}/*.{kind}"))
+    print(f"  {kind.upper()} written: {', '.join(files) if files else 'none'}")
 EOF
+if [ "$HAVE_MPL" = 0 ]; then
+  log "no plots here (no matplotlib); on a machine with matplotlib: python bench/plot.py $OUT/*.csv"
+fi
 fail=0
-for k in "${!STATUS[@]}"; do
+for k in "${ORDER[@]}"; do
   log "$k: ${STATUS[$k]}"
   [ "${STATUS[$k]}" = pass ] || fail=1
 done

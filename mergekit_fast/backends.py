@@ -10,6 +10,10 @@ Backends, fastest first for their device:
 device and logs once why a faster one was skipped. A backend named explicitly that cannot run
 raises ``BackendUnavailable``: never a silent fallback. A device is a torch.device or its type
 ("cpu", "cuda"); choosing a CPU backend does not import torch.
+
+The cuda backend also needs code for the GPU at hand: the native build holds machine code for
+some compute capabilities and PTX for others (``cuda_code_reason``); a GPU it cannot serve makes
+``auto`` fall back and an explicit ``cuda`` raise, both with the reason.
 """
 
 from __future__ import annotations
@@ -58,6 +62,41 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def _runs_on(arch: str, cap: tuple[int, int], ptx: bool) -> bool:
+    major, minor, suffix = _native.parse_arch(arch)
+    if suffix == "a":  # architecture-specific code: that exact capability only
+        return cap == (major, minor)
+    if ptx and not suffix:  # PTX is compiled by the driver for this GPU: any newer capability
+        return cap >= (major, minor)
+    return cap[0] == major and cap[1] >= minor  # machine code (and family PTX): same major, newer minor
+
+
+def cuda_code_reason(capability: tuple[int, int], sass: list[str], ptx: list[str]) -> str | None:
+    """None when CUDA code built for ``sass`` (machine code) and ``ptx`` runs on a GPU of
+    ``capability`` (major, minor), else why not."""
+    cap = (int(capability[0]), int(capability[1]))
+    if any(_runs_on(a, cap, ptx=False) for a in sass) or any(_runs_on(a, cap, ptx=True) for a in ptx):
+        return None
+    return (
+        f"the native CUDA kernels have no code for compute capability {cap[0]}.{cap[1]}: built for "
+        f"{_native.describe_cuda_targets(sass, ptx)}; rebuild with MERGEKIT_FAST_CUDA_ARCHS={cap[0]}{cap[1]}"
+    )
+
+
+def _gpu_code_reason(device) -> str | None:
+    """Why the native CUDA kernels cannot run on ``device``'s GPU, or None."""
+    targets = _native.cuda_targets()
+    if targets is None:  # a build that does not say what it holds: the launch will tell
+        return None
+    import torch
+
+    index = getattr(device, "index", None)
+    if index is None:
+        index = torch.cuda.current_device()
+    why = cuda_code_reason(torch.cuda.get_device_capability(index), *targets)
+    return f"{torch.cuda.get_device_name(index)}: {why}" if why else None
+
+
 def unavailable_reason(backend: str, device) -> str | None:
     """None when ``backend`` can run on tensors of ``device``, else a short reason."""
     dev = getattr(device, "type", device)
@@ -76,8 +115,8 @@ def unavailable_reason(backend: str, device) -> str | None:
         if err:
             return err
         if not _native.has_cuda_kernels():
-            return "native module built without CUDA (nvcc not found or MERGEKIT_FAST_SKIP_CUDA=1)"
-        return None
+            return f"native module built without CUDA ({_cuda_skipped_reason()})"
+        return _gpu_code_reason(device)
     if backend == "triton":
         err = _triton_import_error()
         if err:
@@ -88,6 +127,13 @@ def unavailable_reason(backend: str, device) -> str | None:
             return None if triton_interpreted() else "triton on CPU tensors needs TRITON_INTERPRET=1"
         return f"triton does not run on {dev}"
     return f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)} or auto)"
+
+
+def _cuda_skipped_reason() -> str:
+    cuda = _native.build_info().get("cuda")
+    if isinstance(cuda, dict) and cuda.get("reason"):
+        return cuda["reason"]
+    return "nvcc not found or MERGEKIT_FAST_SKIP_CUDA=1 at build time"
 
 
 def default_backend() -> str:
@@ -159,7 +205,9 @@ def report() -> dict[str, dict[str, str | bool]]:
             elif b == "cuda" and not torch.cuda.is_available():
                 why = "no GPU visible"
                 native = _native.import_error() or (
-                    None if _native.has_cuda_kernels() else "native module built without CUDA"
+                    None
+                    if _native.has_cuda_kernels()
+                    else f"native module built without CUDA ({_cuda_skipped_reason()})"
                 )
                 if native:
                     why += f"; {native}"

@@ -14,9 +14,15 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from mergekit_fast import backends
+from mergekit_fast import _native, backends
 
 HAS_GPU = torch.cuda.is_available()
+
+# Tests that call mergekit_fast._C directly; they skip, with the reason, on a pure-Python install
+# (MERGEKIT_FAST_SKIP_NATIVE=1). Tests that go through a backend use runnable_backends instead.
+needs_native = pytest.mark.skipif(
+    _native.C is None, reason=f"needs the native module mergekit_fast._C: {_native.import_error()}"
+)
 
 
 def runnable_backends(device: str, implemented=backends.BACKENDS) -> list:

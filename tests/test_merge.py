@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 from fixtures_models import make_model
-from helpers import assert_same_model, logits, read_model, run_mergekit, run_ours
+from helpers import assert_same_model, logits, needs_native, read_model, run_mergekit, run_ours
 
 from mergekit_fast import cli
 from mergekit_fast.testing import slerp_gradient_config
@@ -251,6 +251,7 @@ def test_cli_errors_name_the_problem(models, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+@needs_native
 def test_native_cpu_path_equals_the_torch_paths(models, tmp_path, monkeypatch):
     # On the CPU, SLERP without a dtype change runs the native kernel on raw addresses (no torch);
     # the same kernel called through the op, and the torch reference, give the same bits.

@@ -18,15 +18,21 @@
 #pragma once
 #include <cstdint>
 
+#include "common/cpu_isa.h"
+
 namespace mkf {
 
 // ---- CPU (csrc/routing/routing_cpu.cpp) ----
-void topk_routing_cpu(int dtype, const void* logits, const float* bias, float* weights,
-                      int32_t* ids, int64_t T, int64_t E, int64_t k, int scoring,
-                      bool renormalize, int64_t num_groups, int64_t topk_groups, int group_score,
-                      float scaling, int threads);
-void routing_counts_cpu(const int32_t* ids, int64_t n_slots, int64_t E, int32_t* counts,
-                        int32_t* order, int threads);
+// Declared in mkf and once per instruction-set level (common/cpu_isa.h).
+#define MKF_ROUTING_CPU_API                                                                   \
+  void topk_routing_cpu(int dtype, const void* logits, const float* bias, float* weights,    \
+                        int32_t* ids, int64_t T, int64_t E, int64_t k, int scoring,          \
+                        bool renormalize, int64_t num_groups, int64_t topk_groups,           \
+                        int group_score, float scaling, int threads);                        \
+  void routing_counts_cpu(const int32_t* ids, int64_t n_slots, int64_t E, int32_t* counts,   \
+                          int32_t* order, int threads)
+MKF_ROUTING_CPU_API;
+MKF_DECLARE_PER_ISA(MKF_ROUTING_CPU_API)
 
 #if defined(MKF_WITH_CUDA)
 // ---- CUDA (csrc/routing/routing_cuda.cu) ----

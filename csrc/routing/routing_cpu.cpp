@@ -6,6 +6,9 @@
 // any selection algorithm returns exactly the same experts in the same order. With softmax
 // scoring, renormalisation and no bias or top-2-sum group stage, selection reads the logits
 // directly and no exponential is computed except for the k chosen experts.
+//
+// A kernel file (common/cpu_isa.h): compiled once per CPU instruction-set level, each time in
+// namespace mkf::MKF_ISA_NS; the baseline compile also defines the mkf:: dispatchers.
 #include <algorithm>
 #include <cstdint>
 #include <functional>
@@ -18,7 +21,7 @@
 #include "common/routing_select.h"
 #include "routing/routing.h"
 
-namespace mkf {
+namespace mkf::MKF_ISA_NS {
 namespace {
 
 using routing::RouteConfig;
@@ -280,4 +283,23 @@ void routing_counts_cpu(const int32_t* ids, int64_t n_slots, int64_t E, int32_t*
   });
 }
 
+}  // namespace mkf::MKF_ISA_NS
+
+#if MKF_ISA_PRIMARY
+namespace mkf {
+
+void topk_routing_cpu(int dtype, const void* logits, const float* bias, float* weights,
+                      int32_t* ids, int64_t T, int64_t E, int64_t k, int scoring,
+                      bool renormalize, int64_t num_groups, int64_t topk_groups, int group_score,
+                      float scaling, int threads) {
+  MKF_CPU_DISPATCH(topk_routing_cpu, dtype, logits, bias, weights, ids, T, E, k, scoring,
+                   renormalize, num_groups, topk_groups, group_score, scaling, threads);
+}
+
+void routing_counts_cpu(const int32_t* ids, int64_t n_slots, int64_t E, int32_t* counts,
+                        int32_t* order, int threads) {
+  MKF_CPU_DISPATCH(routing_counts_cpu, ids, n_slots, E, counts, order, threads);
+}
+
 }  // namespace mkf
+#endif

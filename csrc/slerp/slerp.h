@@ -5,16 +5,24 @@
 #pragma once
 #include <cstdint>
 
+#include "common/cpu_isa.h"
+
 namespace mkf {
 
 // ---- CPU (csrc/slerp/slerp_cpu.cpp) ----
-// One tensor: the three sums (fp64, deterministic for any thread count), then the interpolation.
-void slerp_cpu(int dtype, const void* a, const void* b, void* out, int64_t n, double t, double eps,
-               double dot_threshold, int threads);
-// Many independent tensors, each with its own t (the engine's batched entry point).
-void slerp_batched_cpu(int dtype, int64_t count, const uint64_t* a_ptrs, const uint64_t* b_ptrs,
-                       const uint64_t* out_ptrs, const int64_t* numels, const double* ts,
-                       double eps, double dot_threshold, int threads);
+// Each entry point is declared here and, through MKF_SLERP_CPU_API, once per instruction-set
+// level (common/cpu_isa.h): the mkf:: functions call the level this CPU runs.
+#define MKF_SLERP_CPU_API                                                                        \
+  /* One tensor: the three sums (fp64, deterministic for any thread count), then the */        \
+  /* interpolation. */                                                                           \
+  void slerp_cpu(int dtype, const void* a, const void* b, void* out, int64_t n, double t,       \
+                 double eps, double dot_threshold, int threads);                                 \
+  /* Many independent tensors, each with its own t (the engine's batched entry point). */       \
+  void slerp_batched_cpu(int dtype, int64_t count, const uint64_t* a_ptrs,                     \
+                         const uint64_t* b_ptrs, const uint64_t* out_ptrs, const int64_t* numels, \
+                         const double* ts, double eps, double dot_threshold, int threads)
+MKF_SLERP_CPU_API;
+MKF_DECLARE_PER_ISA(MKF_SLERP_CPU_API)
 
 #if defined(MKF_WITH_CUDA)
 // ---- CUDA (csrc/slerp/slerp_cuda.cu) ----

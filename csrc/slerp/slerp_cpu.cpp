@@ -3,7 +3,10 @@
 //
 // Determinism: the sums are taken over fixed blocks of kBlock elements, each with kLanes
 // independent fp64 accumulators, and the block partials are added in block order. The
-// result therefore does not depend on the thread count.
+// result therefore does not depend on the thread count, nor on the instruction-set level.
+//
+// A kernel file (common/cpu_isa.h): compiled once per CPU instruction-set level, each time in
+// namespace mkf::MKF_ISA_NS; the baseline compile also defines the mkf:: dispatchers.
 #include "slerp/slerp.h"
 
 #include <algorithm>
@@ -18,7 +21,7 @@
 #include "common/parallel.h"
 #include "common/slerp_math.h"
 
-namespace mkf {
+namespace mkf::MKF_ISA_NS {
 namespace {
 
 constexpr int64_t kBlock = 1 << 14;
@@ -62,48 +65,68 @@ struct HostF64 {
 };
 
 // GCC/Clang vector extensions: the accumulators stay in registers and the loop compiles to
-// packed conversions and multiply-adds for whatever vector width -march allows.
-typedef float v8f __attribute__((vector_size(32)));
-typedef double v8d __attribute__((vector_size(64)));
-static_assert(kLanes == 8, "the vector types hold kLanes elements");
+// packed conversions and multiply-adds. The kLanes lanes are kParts vectors of kVec doubles:
+// one 512-bit vector, except on AVX2, which has no 512-bit registers and where GCC keeps a
+// 512-bit generic vector in memory (half the speed of the SSE2 build): there, two 256-bit
+// vectors. Lane j accumulates the same elements in the same order either way.
+#if defined(__AVX2__) && !defined(__AVX512F__)
+constexpr int kVec = 4;
+#else
+constexpr int kVec = 8;
+#endif
+constexpr int kParts = kLanes / kVec;
+typedef float vecf __attribute__((vector_size(4 * kVec)));
+typedef double vecd __attribute__((vector_size(8 * kVec)));
+static_assert(kLanes % kVec == 0, "the accumulators hold kLanes elements");
 
 template <typename F>
-inline v8d load8(const typename F::storage* p) {
+inline vecd load_vec(const typename F::storage* p) {
   if constexpr (std::is_same_v<typename F::storage, double>) {
-    v8d v;
-    for (int j = 0; j < kLanes; ++j) v[j] = p[j];
+    vecd v;
+    for (int j = 0; j < kVec; ++j) v[j] = p[j];
     return v;
   } else {
-    v8f v;
-    for (int j = 0; j < kLanes; ++j) v[j] = F::load(p[j]);
-    return __builtin_convertvector(v, v8d);
+    vecf v;
+    for (int j = 0; j < kVec; ++j) v[j] = F::load(p[j]);
+    return __builtin_convertvector(v, vecd);
   }
 }
 
 template <typename F>
 void block_sums(const typename F::storage* a, const typename F::storage* b, int64_t n,
                 double out[3]) {
-  v8d aa = {0}, bb = {0}, ab = {0};
+  // Lane j (0 .. kLanes-1) accumulates the elements i = j (mod kLanes) of the block, in order.
+  vecd aa[kParts] = {}, bb[kParts] = {}, ab[kParts] = {};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
-    v8d x = load8<F>(a + i);
-    v8d y = load8<F>(b + i);
-    aa += x * x;
-    bb += y * y;
-    ab += x * y;
+    for (int q = 0; q < kParts; ++q) {
+      vecd x = load_vec<F>(a + i + q * kVec);
+      vecd y = load_vec<F>(b + i + q * kVec);
+      aa[q] += x * x;
+      bb[q] += y * y;
+      ab[q] += x * y;
+    }
+  }
+  double la[kLanes], lb[kLanes], lab[kLanes];
+  for (int q = 0; q < kParts; ++q) {
+    for (int j = 0; j < kVec; ++j) {
+      la[q * kVec + j] = aa[q][j];
+      lb[q * kVec + j] = bb[q][j];
+      lab[q * kVec + j] = ab[q][j];
+    }
   }
   for (int j = 0; i < n; ++i, ++j) {
     double x = static_cast<double>(F::load(a[i]));
     double y = static_cast<double>(F::load(b[i]));
-    aa[j] += x * x;
-    bb[j] += y * y;
-    ab[j] += x * y;
+    la[j] += x * x;
+    lb[j] += y * y;
+    lab[j] += x * y;
   }
   double s0 = 0, s1 = 0, s2 = 0;
   for (int j = 0; j < kLanes; ++j) {
-    s0 += aa[j];
-    s1 += bb[j];
-    s2 += ab[j];
+    s0 += la[j];
+    s1 += lb[j];
+    s2 += lab[j];
   }
   out[0] = s0;
   out[1] = s1;
@@ -210,4 +233,22 @@ void slerp_batched_cpu(int dtype, int64_t count, const uint64_t* a_ptrs, const u
   });
 }
 
+}  // namespace mkf::MKF_ISA_NS
+
+#if MKF_ISA_PRIMARY
+namespace mkf {
+
+void slerp_cpu(int dtype, const void* a, const void* b, void* out, int64_t n, double t, double eps,
+               double dot_threshold, int threads) {
+  MKF_CPU_DISPATCH(slerp_cpu, dtype, a, b, out, n, t, eps, dot_threshold, threads);
+}
+
+void slerp_batched_cpu(int dtype, int64_t count, const uint64_t* a_ptrs, const uint64_t* b_ptrs,
+                       const uint64_t* out_ptrs, const int64_t* numels, const double* ts,
+                       double eps, double dot_threshold, int threads) {
+  MKF_CPU_DISPATCH(slerp_batched_cpu, dtype, count, a_ptrs, b_ptrs, out_ptrs, numels, ts, eps,
+                   dot_threshold, threads);
+}
+
 }  // namespace mkf
+#endif
