@@ -19,6 +19,7 @@ complete; a failure or a signal removes it, and a SIGKILL's leftover is removed 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -42,7 +43,10 @@ from mergekit_fast.plan import MergePlan
 
 log = logging.getLogger("mergekit_fast")
 
-__all__ = ["MergeError", "MergeOptions", "MergeResult", "Pipeline", "resolve_device", "run_merge"]
+__all__ = [
+    "MergeError", "MergeOptions", "MergeResult", "Pipeline", "ShardLayout", "ShardStats", "resolve_device",
+    "run_merge", "write_shards",
+]  # fmt: skip
 
 
 @dataclass
@@ -219,17 +223,52 @@ def _execute(
     return run
 
 
-def _open_shards(plan: MergePlan, tmp: Path, shard_size: int):
-    """Lay out and preallocate the output shards: (shard writers, writer per tensor name, weight map,
-    shard file names, total bytes)."""
-    shards = assign_shards(plan.tensors, shard_size)
-    names = shard_names(len(shards))
+@dataclass
+class ShardLayout:
+    """Which output shard every tensor goes to, fixed before any byte moves (mergekit's rule)."""
+
+    names: list[str]  # shard file names, in order
+    shards: list[list]  # the OutputTensors of each shard
+    weight_map: dict[str, str]  # tensor name -> shard file name
+    total: int  # bytes of all tensors
+
+    @classmethod
+    def of(cls, plan: MergePlan, shard_size: int) -> ShardLayout:
+        shards = assign_shards(plan.tensors, shard_size)
+        names = shard_names(len(shards))
+        weight_map = {t.name: fname for fname, ts in zip(names, shards) for t in ts}
+        total = sum(math.prod(t.shape) * itemsize(t.out_dtype) for t in plan.tensors)
+        return cls(names, shards, weight_map, total)
+
+    def nbytes(self, index: int) -> int:
+        return sum(math.prod(t.shape) * itemsize(t.out_dtype) for t in self.shards[index])
+
+
+@dataclass
+class ShardStats:
+    """What writing some shards moved, and which tensors came out non-finite."""
+
+    bytes_read: int = 0
+    bytes_written: int = 0
+    nonfinite: list[str] = field(default_factory=list)
+
+    def add(self, other: ShardStats) -> None:
+        self.bytes_read += other.bytes_read
+        self.bytes_written += other.bytes_written
+        self.nonfinite.extend(other.nonfinite)
+
+
+def write_shards(plan: MergePlan, layout: ShardLayout, tmp: Path, opt: MergeOptions, device="cpu", *,
+                 only=None, progress=None) -> ShardStats:  # fmt: skip
+    """Write the shards numbered ``only`` (default: all) of ``layout`` into directory ``tmp``, complete and
+    closed (a failure removes nothing but raises; the caller owns ``tmp``). The unit of work an executor
+    hands out: shards are independent, and the same shard always gets the same bytes."""
+    indices = list(range(len(layout.names))) if only is None else sorted(set(only))
     shard_writers: list[ShardWriter] = []
     writers: dict[str, ShardWriter] = {}
-    weight_map: dict[str, str] = {}
-    total = 0
     try:
-        for fname, ts in zip(names, shards):
+        for i in indices:
+            fname, ts = layout.names[i], layout.shards[i]
             entries = [(t.name, t.out_dtype, tuple(t.shape)) for t in ts]
             try:
                 w = ShardWriter(tmp / fname, entries, metadata={"format": "pt"})
@@ -238,13 +277,31 @@ def _open_shards(plan: MergePlan, tmp: Path, shard_size: int):
             shard_writers.append(w)
             for t in ts:
                 writers[t.name] = w
-                weight_map[t.name] = fname
-                total += math.prod(t.shape) * itemsize(t.out_dtype)
+        part = (
+            plan
+            if only is None
+            else dataclasses.replace(plan, tensors=[t for i in indices for t in layout.shards[i]])
+        )
+        run = _execute(part, writers, opt, device, progress or (lambda n: None))
+        for w in shard_writers:
+            w.close(fsync=opt.fsync)
     except BaseException:
         for w in shard_writers:
             w.abort()
         raise
-    return shard_writers, writers, weight_map, names, total
+    return ShardStats(run.bytes_read, run.bytes_written, run.nonfinite)
+
+
+def prepare_options(plan: MergePlan, opt: MergeOptions) -> MergeOptions:
+    """The options as the run uses them: a random method without --random-seed gets a fresh seed,
+    logged, so every merge can be repeated."""
+    if opt.random_seed is None and any(methods.get(t.method).random for t in plan.tensors):
+        import secrets
+
+        opt = dataclasses.replace(opt, random_seed=secrets.randbits(63))
+        log.warning("random seed %d (pass --random-seed %d to repeat this merge)", opt.random_seed,
+                    opt.random_seed)  # fmt: skip
+    return opt
 
 
 def run_merge(
@@ -254,23 +311,21 @@ def run_merge(
     *,
     started: float | None = None,
     phases: dict[str, float] | None = None,
+    executor=None,
 ) -> MergeResult:
     """Execute ``plan`` and write the merged model to ``out_path`` atomically.
 
     ``started`` (a time.perf_counter() value) is when the whole run began, so that the result's time
     covers planning and start-up; ``phases`` names the seconds spent before this call (plan, gates).
+    ``executor`` writes the shards (``mergekit_fast.executors``; default: this process); everything
+    else -- the checks, the temporary directory, the files beside the weights, --verify and the atomic
+    install -- happens here.
     """
-    opt = options or MergeOptions()
+    from mergekit_fast.executors import LocalExecutor
+
+    opt = prepare_options(plan, options or MergeOptions())
     t0 = time.perf_counter()
     started = t0 if started is None else started
-    if opt.random_seed is None and any(methods.get(t.method).random for t in plan.tensors):
-        # Every merge can be repeated: a random method without --random-seed gets a fresh seed, told.
-        import dataclasses
-        import secrets
-
-        opt = dataclasses.replace(opt, random_seed=secrets.randbits(63))
-        log.warning("random seed %d (pass --random-seed %d to repeat this merge)", opt.random_seed,
-                    opt.random_seed)  # fmt: skip
     try:
         out = output.check_target(out_path, input_dirs(plan), force=opt.force,
                                   force_unrecognized=opt.force_unrecognized)  # fmt: skip
@@ -290,26 +345,24 @@ def run_merge(
         for src in plan.sources.values():
             src.close()
         raise MergeError(f"{out.parent}: cannot create the output there ({exc.strerror})") from None
-    shard_writers: list[ShardWriter] = []
     bar = None
     try:
-        shard_writers, writers, weight_map, names, total = _open_shards(plan, tmp, opt.out_shard_size)
+        layout = ShardLayout.of(plan, opt.out_shard_size)
         show = opt.progress if opt.progress is not None else sys.stderr.isatty()
         if show:
             from tqdm import tqdm
 
-            bar = tqdm(total=total, unit="B", unit_scale=True, desc="merging", file=sys.stderr)
-        run = _execute(plan, writers, opt, device, bar.update if bar else (lambda n: None))
-        for w in shard_writers:
-            w.close(fsync=opt.fsync)
-        nonfinite = run.nonfinite
+            bar = tqdm(total=layout.total, unit="B", unit_scale=True, desc="merging", file=sys.stderr)
+        stats = (executor or LocalExecutor()).write(plan, layout, tmp, opt, device,
+                                                    bar.update if bar else (lambda n: None))  # fmt: skip
+        nonfinite = stats.nonfinite
         if nonfinite:
             msg = f"{len(nonfinite)} merged tensor(s) contain NaN or Inf: {', '.join(nonfinite[:8])}"
             if opt.strict:
                 raise MergeError(msg + " (--strict)")
             log.warning(msg)
-        output.finalize_files(plan, tmp, names, weight_map, total, write_model_card=opt.write_model_card,
-                              copy_tokenizer=opt.copy_tokenizer)  # fmt: skip
+        output.finalize_files(plan, tmp, layout.names, layout.weight_map, layout.total,
+                              write_model_card=opt.write_model_card, copy_tokenizer=opt.copy_tokenizer)  # fmt: skip
         t_merged = time.perf_counter()
         verify_ulp = None
         if opt.verify:
@@ -318,8 +371,6 @@ def run_merge(
             verify_ulp = verify_output(plan, tmp, opt.verify, seed=opt.random_seed)
         output.install(tmp, out)
     except BaseException:
-        for w in shard_writers:
-            w.abort()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
@@ -336,10 +387,10 @@ def run_merge(
         out_path=out,
         seconds=end - started,
         tensors=len(plan.tensors),
-        bytes_read=run.bytes_read,
-        bytes_written=run.bytes_written,
+        bytes_read=stats.bytes_read,
+        bytes_written=stats.bytes_written,
         peak_rss=peak_rss_bytes(),
-        shards=len(names),
+        shards=len(layout.names),
         verify_max_ulp=verify_ulp,
         nonfinite=nonfinite,
         phases=parts,
