@@ -27,7 +27,7 @@ from __future__ import annotations
 import functools
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -314,6 +314,59 @@ def infer(names: Iterable[str], *, optional: bool = True) -> Definition:
         if loose:
             mods.insert(0, module("default", loose, (), 0))
     return Definition(family="", architectures=(), model_type="", modules=tuple(mods), kind="inferred")
+
+
+def vocabulary_axes(
+    model_dir, config: Mapping, shapes: Mapping[str, Sequence[int]], *, trust_remote_code: bool = False
+) -> dict[str, int]:
+    """The token-indexed tensors of an architecture without a definition, as mergekit's inference finds
+    them: transformers builds the model on the meta device (no memory, no weights) and its input and output
+    embeddings (weights and biases) are the vocabulary tensors. transformers 5 may name them differently
+    from the checkpoint (LLaVA: ``model.language_model.embed_tokens.weight`` for the stored
+    ``language_model.model.embed_tokens.weight``), so each is matched to the stored tensor of the same name,
+    else to the only one of its shape whose name ends the same way. Returns {stored name: axis}; empty
+    when transformers cannot build the model. Imports torch and transformers."""
+    archs = config.get("architectures") or []
+    if len(archs) != 1:
+        return {}
+    try:
+        import torch
+        import transformers
+
+        cls = getattr(transformers, archs[0], None)
+        if cls is None:
+            return {}
+        verbosity = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()
+        try:
+            cfg = transformers.AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+            with torch.device("meta"):
+                model = cls(cfg)
+        finally:
+            transformers.logging.set_verbosity(verbosity)
+    except Exception:  # noqa: BLE001 - mergekit: "tied/ignored weights will not be detected"
+        return {}
+    wanted: dict[int, int] = {}
+    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+        for p in (getattr(module, "weight", None), getattr(module, "bias", None)):
+            if p is not None:
+                wanted[id(p)] = 0
+    out: dict[str, int] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) not in wanted:
+            continue
+        if name in shapes:
+            out[name] = wanted[id(p)]
+            continue
+        tail = ".".join(name.split(".")[-2:])
+        cands = [
+            n
+            for n, sh in shapes.items()
+            if (n == tail or n.endswith("." + tail)) and tuple(sh) == tuple(p.shape)
+        ]
+        if len(cands) == 1:
+            out[cands[0]] = wanted[id(p)]
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
