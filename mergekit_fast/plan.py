@@ -158,9 +158,9 @@ class _ModelIndex:
         return self.source.tensors[name]
 
     def config_int(self, key: str, what: str) -> int:
-        """mergekit's get_config_value on this model's config: the dotted key in config.json, else as
-        transformers' config object gives it (attribute maps: T5's num_hidden_layers is num_layers),
-        else under text_config (a multi-modal config whose text keys moved there)."""
+        """mergekit's get_config_value on this model's config: the dotted key in config.json, else under
+        text_config (a multi-modal config whose text keys moved there: Qwen2-VL), else as transformers'
+        config object gives it (attribute maps: T5's num_hidden_layers is its num_layers)."""
         value = archs.config_value(self.config, key, None)
         if value is None and "." not in key:
             value = archs.config_value(self.config, f"text_config.{key}", None)
@@ -607,10 +607,10 @@ class _Planner:
     ) -> None:
         """Plan one output tensor: resolve its inputs, resolve its parameters, check, then let the method
         plan the computation (its ``plan`` hook)."""
-        resolved = self._resolve_inputs(w_out, w_ins, models, extra)
+        resolved = self._resolve_inputs(w_out, w_ins, models)
         if resolved is None:
             return
-        group = self._resolve_parameters(w_out, w_ins, models, resolved, s, t, extra)
+        group = self._resolve_parameters(w_out, w_ins, models, resolved, s, t)
         self._vocabulary(group, w_out, s)
         self._check(group, s, t, [w.name for w in w_ins])
         planned = self.method.plan(group)
@@ -646,7 +646,7 @@ class _Planner:
         shape = tuple(self.ix[ref.model].info(ref.tensor).shape)
         return ref.rows.out_shape(shape) if ref.rows is not None else shape
 
-    def _resolve_inputs(self, w_out: WeightDef, w_ins, models, extra) -> list[str | None] | None:
+    def _resolve_inputs(self, w_out: WeightDef, w_ins, models) -> list[str | None] | None:
         """Per model, the tensor it contributes (name, aliases, tied names), None where it has none; None
         when the weight is not written. A weight that is not optional must be in every model that has it."""
         if w_out.optional and not any(any(self.ix[m].has(n) for n in w.names) for m, w in zip(models, w_ins)):
@@ -670,7 +670,7 @@ class _Planner:
             )
         return resolved
 
-    def _resolve_parameters(self, w_out, w_ins, models, resolved, s: SliceSpec, t, extra) -> TensorGroup:
+    def _resolve_parameters(self, w_out, w_ins, models, resolved, s: SliceSpec, t) -> TensorGroup:
         """The method's parameters for this tensor, as mergekit resolves them at planning time: shared ones
         against the output name, per-input ones per model against its input name (non-base ones skip the
         base)."""

@@ -52,7 +52,7 @@ def _transformers():
     return transformers
 
 
-def _load_tokenizer(path: str, *, trust_remote_code: bool, what: str, fast: bool | None = None):
+def _load_tokenizer(path: str, *, trust_remote_code: bool, fast: bool | None = None):
     tf = _transformers()
     kw = {} if fast is None else {"use_fast": fast}
     verbosity = tf.logging.get_verbosity()
@@ -86,7 +86,7 @@ def model_vocab_size(path: str, config: Mapping, *, trust_remote_code: bool) -> 
 
 def _stripped_base(path: str, config: Mapping, *, trust_remote_code: bool):
     """mergekit's get_stripped_tokenizer: the tokenizer without the tokens at or beyond vocab_size."""
-    tok = _load_tokenizer(path, trust_remote_code=trust_remote_code, what="base_model", fast=True)
+    tok = _load_tokenizer(path, trust_remote_code=trust_remote_code, fast=True)
     size = model_vocab_size(path, config, trust_remote_code=trust_remote_code) or len(tok.get_vocab())
     unused = {t for t, i in tok.get_vocab().items() if i >= size}
     if not unused:
@@ -316,7 +316,7 @@ def build_vocab(
         base_tok = _stripped_base(base, configs[base], trust_remote_code=trust_remote_code)
     except ConfigError:
         raise
-    except Exception as exc:  # noqa: BLE001 - transformers' many ways to fail
+    except Exception as exc:  # noqa: BLE001 - transformers' many ways to fail  # noqa: BLE001 - transformers' many ways to fail
         raise ConfigError(
             f"{what}: cannot load the tokenizer of {base} ({type(exc).__name__}: {exc})"
         ) from None
@@ -325,7 +325,7 @@ def build_vocab(
         if m == base:
             continue
         try:
-            toks[m] = _load_tokenizer(m, trust_remote_code=trust_remote_code, what=m)
+            toks[m] = _load_tokenizer(m, trust_remote_code=trust_remote_code)
         except Exception as exc:  # noqa: BLE001 - mergekit assumes the base's tokenizer then
             LOG.warning("cannot load the tokenizer of %s (%s); assuming it is %s's", m, exc, base)
     sizes = {m: model_vocab_size(m, configs[m], trust_remote_code=trust_remote_code) for m in models}
@@ -335,7 +335,7 @@ def build_vocab(
         out = _union(base, toks, sizes, trust_remote_code=trust_remote_code)
     else:
         try:
-            out = _load_tokenizer(spec.source, trust_remote_code=trust_remote_code, what=spec.source)
+            out = _load_tokenizer(spec.source, trust_remote_code=trust_remote_code)
         except Exception as exc:  # noqa: BLE001
             raise ConfigError(
                 f"{what}: cannot load the tokenizer of {spec.source} ({type(exc).__name__}: {exc})"
@@ -392,7 +392,7 @@ def resolve_chat_template(value: str | None, models: Sequence[str], *, trust_rem
         found = []
         for m in models:
             try:
-                t = _load_tokenizer(m, trust_remote_code=trust_remote_code, what=m).chat_template
+                t = _load_tokenizer(m, trust_remote_code=trust_remote_code).chat_template
             except Exception as exc:  # noqa: BLE001
                 LOG.warning("cannot load the tokenizer of %s (%s)", m, exc)
                 continue
@@ -430,7 +430,7 @@ class TokenizerOutput:
             if self.chat_template:
                 LOG.warning("chat_template is set but no tokenizer is written (--no-copy-tokenizer)")
             return
-        tok = _load_tokenizer(self.donor, trust_remote_code=self.trust_remote_code, what=self.donor)
+        tok = _load_tokenizer(self.donor, trust_remote_code=self.trust_remote_code)
         if self.chat_template:
             tok.chat_template = self.chat_template
         tok.save_pretrained(str(out_dir))

@@ -71,6 +71,12 @@ def assert_same_vocab_merge(
         else:
             assert torch.equal(x, y), name
     assert json.loads((ours / "config.json").read_text()) == json.loads((theirs / "config.json").read_text())
+    if set(vocab_tensors) == set(VOCAB):  # a Llama: transformers loads it at the new vocabulary size
+        import transformers
+
+        model, info = transformers.AutoModelForCausalLM.from_pretrained(ours, output_loading_info=True)
+        assert not any(info.values()), info
+        assert model.get_input_embeddings().weight.shape[0] == a["model.embed_tokens.weight"].shape[0]
     files = {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"}
     for f in sorted(files):
         assert (ours / f).exists() == (theirs / f).exists(), f

@@ -156,9 +156,14 @@ def _runs_natively(t, plan: MergePlan, writers: dict[str, ShardWriter]) -> bool:
     return True
 
 
+def _gathers(plan: MergePlan) -> bool:
+    """Whether some input has re-indexed vocabulary rows (gathered into staged buffers)."""
+    return any(r.rows is not None for t in plan.tensors for r in t.inputs)
+
+
 def _warn_small_budget(plan: MergePlan, opt: MergeOptions, cuda: bool) -> None:
     """Say what a --max-memory below one tensor's needs really uses (that tensor runs alone)."""
-    budget = opt.max_memory // 2 if cuda else opt.max_memory
+    budget = opt.max_memory // 2 if cuda or _gathers(plan) else opt.max_memory
     big = max(plan.tensors, key=lambda t: math.prod(t.shape) * max(t.in_dtype.itemsize, t.out_dtype.itemsize),
               default=None)  # fmt: skip
     if big is None:
@@ -192,7 +197,7 @@ def _execute(
     cuda = device != "cpu"
     # Inputs staged in buffers: always on CUDA, on the CPU only re-indexed (gathered) vocabulary rows.
     # Staged inputs and outputs each get half of the budget then.
-    gathers = any(r.rows is not None for t in plan.tensors for r in t.inputs)
+    gathers = _gathers(plan)
     budget = opt.max_memory // 2 if cuda or gathers else opt.max_memory
     threads = opt.threads or (
         len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
