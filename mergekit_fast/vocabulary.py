@@ -63,16 +63,6 @@ class RowMap:
         out[self.axis] = self.size
         return tuple(out)
 
-    @property
-    def is_prefix(self) -> bool:
-        """The first ``size`` rows, nothing else (a truncation)."""
-        return (
-            not self.copies
-            and not self.means
-            and self.pad_from is None
-            and all(r == i for i, r in enumerate(self.rows))
-        )
-
 
 def _index(values, device=None):
     import torch

@@ -194,7 +194,12 @@ class MergeConfig:
         string hashing; the first listed model is the deterministic choice.)"""
         if self.base_model:
             return self.base_model
-        return self.referenced_models()[0]
+        if self.raw.models:
+            return self._norm(self.raw.models[0].model)
+        if self.raw.slices:
+            return self._norm(self.raw.slices[0].sources[0].model)
+        first = next(iter(self.raw.modules.values()))
+        return self._norm(first.models[0].model if first.models else first.slices[0].sources[0].model)
 
     def slices(self, num_layers: Callable[[str], int] | None = None) -> list[SliceSpec]:
         """The output slices, as mergekit's normalize_config builds them.
