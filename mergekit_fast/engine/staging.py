@@ -95,8 +95,12 @@ class RunState:
         inputs (mergekit_fast.vocabulary.gather)."""
         from mergekit_fast.vocabulary import gather
 
+        seen: set = set()
+
         def view(r):
-            self.count_read(self.info(r).nbytes)
+            if (r.model, r.tensor) not in seen:  # each input read counted once
+                seen.add((r.model, r.tensor))
+                self.count_read(self.info(r).nbytes)
             x = self.reader(r).view(r.tensor)
             return x if x.device.type == "cpu" else x.cpu()  # an in-memory input on another device
 
