@@ -431,7 +431,7 @@ setup(
     # installed as mergekit_fast.triton_kernels.
     packages=[*find_packages(include=["mergekit_fast", "mergekit_fast.*"]), "mergekit_fast.triton_kernels"],
     package_dir={"mergekit_fast.triton_kernels": "triton_kernels"},
-    package_data={"mergekit_fast": ["py.typed"]},
+    package_data={"mergekit_fast": ["py.typed", "data/*.json"]},
     ext_modules=[Extension(MODULE, sources=_cpp_sources(), language="c++")] if NATIVE_REQUESTED else [],
     cmdclass={"build_ext": NativeBuild, "build_py": BuildPy},
     zip_safe=False,

@@ -93,7 +93,6 @@ _NO_EFFECT_SWITCHES = {
     "async-write": "writing always overlaps compute",
     "read-to-gpu": "on a GPU, inputs are always staged to it through pinned buffers",
     "multi-gpu": "one GPU is used",
-    "unsafe-truncate-embeddings": "vocabularies must match here: embeddings are never truncated",
 }
 _NO_EFFECT_VALUES = {
     "transformers-cache": "models must be local directories",
@@ -121,6 +120,8 @@ def _add_mergekit_flags(p: argparse.ArgumentParser, moe: bool = False) -> None:
                    help="allow mixing architectures mergekit defines separately")  # fmt: skip
     g.add_argument("--trust-remote-code", action=argparse.BooleanOptionalAction, default=False,
                    help="let transformers run a model's own code when it loads a config or the gate model")  # fmt: skip
+    g.add_argument("--unsafe-truncate-embeddings", action=argparse.BooleanOptionalAction, default=False,
+                   help="cut vocabulary tensors of different sizes to the smallest (no tokenizer needed)")  # fmt: skip
     g.add_argument("--safe-serialization", action=argparse.BooleanOptionalAction, default=True,
                    help="output is always safetensors; --no-safe-serialization is refused")  # fmt: skip
     for name, why in _NO_EFFECT_SWITCHES.items():
@@ -204,7 +205,8 @@ def _run_config(config_source, out: str, args) -> int:
     t0 = time.perf_counter()
     config = load_config(config_source) if isinstance(config_source, Path) else parse_config(config_source)
     opt = _options(args)
-    plan = build_plan(config, allow_crimes=opt.allow_crimes, trust_remote_code=opt.trust_remote_code)
+    plan = build_plan(config, allow_crimes=opt.allow_crimes, trust_remote_code=opt.trust_remote_code,
+                      unsafe_truncate_embeddings=getattr(args, "unsafe_truncate_embeddings", False))  # fmt: skip
     result = run_merge(plan, out, opt, started=_T0, phases={"plan": time.perf_counter() - t0})
     if not args.quiet:
         print(result.summary())

@@ -2,48 +2,67 @@
 
 `build_plan(config)` opens the input models (headers only: no tensor data is read), checks everything
 that can be checked without data, and returns a `MergePlan` for the engine. It reproduces what mergekit
-0.1.5's MergePlanner plans for the same config (tests/test_plan.py compares the two tensor by tensor):
+0.1.5's MergePlanner plans for the same config (tests/test_plan.py and tests/test_architectures.py
+compare the two tensor by tensor):
 
-- Tensor names follow `<prefix>layers.<i>.<rest>`; the tensors of one layer are whatever the files hold
-  for that layer (union over a slice's sources). Output layers are renumbered consecutively over the
-  slices; input layer = `layer_range[0] + offset`; gradient position t = offset / (n - 1) inside an output
-  slice (t = 1 for a one-layer slice).
-- Non-layer tensors are resolved at t = 0. For architectures mergekit knows (its JSON definitions;
-  `KNOWN_ARCHITECTURES`), embeddings come from the first slice's sources and everything after the layers
-  (final norm, lm_head) from the last slice's; for other architectures mergekit infers the layout and
-  takes every non-layer tensor from the first slice, and so does this planner.
-- A tied lm_head missing from a model's files is read from that model's embedding (mergekit's
-  `tied_names`); an lm_head absent from every input is not written.
+- The layout comes from mergekit's architecture definition of the models (mergekit_fast.architectures):
+  its modules (one for a language model; text decoder, projector and vision tower for a vision-language
+  model; encoder and decoder), each with weights before its layers (from the first slice's sources),
+  layer templates (``${layer_index}``) and weights after its layers (from the last slice's sources, as
+  many as the first slice has). Architectures without a definition get mergekit's inferred layout:
+  every ``.<i>.`` in a name marks a stack of layers, one module per stack, every other tensor from the
+  first slice.
+- `models:` merges every module; `slices:` needs a single module; `modules:` merges the modules it
+  names, each with its own slices or models and parameters. Output layers are renumbered consecutively
+  over a module's slices; input layer = ``layer_range[0] + offset``; gradient position
+  t = offset / (n - 1) inside an output slice (t = 1 for a one-layer slice); weights outside the layers
+  are resolved at t = 0.
+- A weight is read under its name, else its aliases, else its tied names (a tied lm_head missing from a
+  model's files is read from that model's embedding); an optional weight that no model stores under its
+  name or aliases is not written.
+- With a vocabulary (`tokenizer_source`, `tokenizer:`) or `--unsafe-truncate-embeddings`, every input
+  of a weight with a vocabulary axis is re-indexed first (``InputRef.rows``, mergekit_fast.tokenizer).
 - The output order is mergekit's write order: mergekit's scheduler runs tasks sorted by the largest INPUT
   tensor name of each output (so duplicated DUS layers are written next to their source, and a tied
   lm_head next to model.embed_tokens), ties in planning order.
 
-Deliberate differences from mergekit 0.1.5 (documented in the messages or below):
-- tensors in the files that mergekit's architecture definition does not list (e.g. the biases of a
-  Llama with attention_bias: true) are merged, not dropped; per-layer `rotary_emb.inv_freq` buffers of old
-  checkpoints are dropped, as mergekit does;
-- num_hidden_layers is also updated for architectures mergekit does not know (mergekit leaves it);
+Deliberate differences from mergekit 0.1.5 (each documented in the README):
+- tensors in the files that the definition does not list (the biases of a Llama with attention_bias:
+  true, a vision tower stored under other names) are merged, not dropped: with their layer when they sit
+  in a stack of layers of a module, else as weights before (embeddings) or after the layers; per-layer
+  `rotary_emb.inv_freq` buffers of old checkpoints are dropped, as mergekit does;
+- a weight the definition lists that no input has at all (buffers transformers no longer saves, e.g.
+  GPT-NeoX's attention.bias) is not written; mergekit fails ("required but not present");
+- a layer count the definition reads from a key the config does not have at the top level is read from
+  text_config (Qwen2-VL under transformers 5; mergekit fails), and whisper's decoder prefix gets its dot;
+- inferred layouts are read from the tensor names in the files, so the output keeps the files' names; a
+  multi-module model whose checkpoint names differ from transformers 5's module names (LLaVA) is written
+  complete and loadable (mergekit 0.1.5 drops its language model and renames its vision tower);
+- num_hidden_layers is also updated for single-module architectures mergekit does not know (mergekit
+  leaves it);
 - with no base_model, "the first model" is the first model listed (mergekit: an arbitrary one);
-- MoE models and multi-module (vision-language) models are refused as not supported yet.
+- MoE models are refused as not supported yet.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from mergekit_fast import architectures as archs
 from mergekit_fast import dtypes
 from mergekit_fast.architectures import (
-    AMBIGUOUS,
     KNOWN_ARCHITECTURES,
+    LAYER_INDEX,
     MOE_ARCHITECTURES,
     MOE_KEYS,
-    KnownArchitecture,
+    Definition,
+    ModuleDef,
+    WeightDef,
     is_pre_weight,
+    split_stack,
 )
 from mergekit_fast.config import (
     ConfigError,
@@ -91,10 +110,14 @@ class MergePlan:
     out_config: dict  # the output config.json (write with json.dumps(indent=2, sort_keys=True) + "\n")
     tokenizer_source: Path | None  # where tokenizer files come from (base model, else first model)
     config_yaml: str  # the raw YAML text, for mergekit_config.yml
+    # the tokenizer to write instead of copying tokenizer_source's files (a merged vocabulary or a chat
+    # template): mergekit_fast.tokenizer.TokenizerOutput
+    tokenizer: object | None = None
+    tagalong: tuple[Path, ...] = ()  # files copied from the donor as they are (preprocessor_config.json)
+    architecture: str = ""  # the definition used ("" when inferred), for messages
+    extra_inputs: tuple[str, ...] = ()  # other directories the merge reads (a tokenizer's model)
 
 
-_LAYER = re.compile(r"(?:^|(?<=\.))layers\.(\d+)\.")
-_NUMBERED = re.compile(r"(?:^|\.)\d+(?:\.|$)")
 _DROPPED_SUFFIX = "rotary_emb.inv_freq"  # non-persistent buffer in old checkpoints; mergekit drops it
 
 
@@ -107,59 +130,26 @@ class _ModelIndex:
     key: str
     source: ModelSource
     where: str
-    prefix: str
-    layers: dict[int, dict[str, str]]  # layer index -> {rest: full name}
-    loose: list[str]  # non-layer tensor names, in file order
-    num_layers: int
     arch: str | None
+    names: list[str]  # tensor names in file order, without dropped buffers
+    num_layers_cache: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def build(cls, key: str, src: ModelSource, where: str) -> _ModelIndex:
-        prefixes: dict[str, str] = {}
-        layers: dict[int, dict[str, str]] = {}
-        loose: list[str] = []
-        for name in src.tensors:
-            m = _LAYER.search(name)
-            if m:
-                if name.endswith(_DROPPED_SUFFIX):
-                    continue
-                prefix = name[: m.start()]
-                prefixes.setdefault(prefix, name)
-                layers.setdefault(int(m.group(1)), {})[name[m.end() :]] = name
-            else:
-                if _NUMBERED.search(name):
-                    raise ConfigError(
-                        f"{where}: model {key}: tensor {name!r} has a numbered part but does not follow "
-                        "<prefix>layers.<i>.<rest>; this architecture is not supported"
-                    )
-                loose.append(name)
-        if len(prefixes) > 1:
-            a, b = list(prefixes.values())[:2]
-            raise NotSupportedError(
-                f"{where}: model {key} has several stacks of layers ({a!r}, {b!r}); multi-module models "
-                "(vision towers, encoder-decoders) are not supported yet"
-            )
-        if not prefixes:
-            example = next(iter(src.tensors))
-            raise ConfigError(
-                f"{where}: model {key}: no tensor is named <prefix>layers.<i>.<rest> (e.g. {example!r}); "
-                "this architecture is not supported"
-            )
-        try:
-            n = src.num_layers
-        except ModelError as exc:
-            raise ConfigError(f"{where}: {exc}") from None
-        beyond = [i for i in layers if i >= n]
-        if beyond:
-            raise ConfigError(
-                f"{where}: model {key}: its files hold layer {max(beyond)} but config.json says "
-                f"num_hidden_layers={n}"
-            )
-        archs = src.config.get("architectures")
-        if isinstance(archs, list) and len(archs) > 1:
-            raise ConfigError(f"{where}: model {key}: config.json lists several architectures {archs}")
-        arch = archs[0] if isinstance(archs, list) and archs else None
-        return cls(key, src, where, next(iter(prefixes)), layers, loose, n, arch)
+        archs_ = src.config.get("architectures")
+        if isinstance(archs_, list) and len(archs_) > 1:
+            raise ConfigError(f"{where}: model {key}: config.json lists several architectures {archs_}")
+        arch = archs_[0] if isinstance(archs_, list) and archs_ else None
+        names = [n for n in src.tensors if not n.endswith(_DROPPED_SUFFIX)]
+        return cls(key, src, where, arch, names)
+
+    @property
+    def config(self) -> dict:
+        return self.source.config
+
+    @property
+    def model_type(self) -> str | None:
+        return self.config.get("model_type")
 
     def has(self, name: str) -> bool:
         return name in self.source.tensors
@@ -167,37 +157,195 @@ class _ModelIndex:
     def info(self, name: str) -> TensorInfo:
         return self.source.tensors[name]
 
+    def config_int(self, key: str, what: str) -> int:
+        """mergekit's get_config_value on this model's config: the dotted key in config.json, else under
+        text_config (a multi-modal config whose text keys moved there: Qwen2-VL), else as transformers'
+        config object gives it (attribute maps: T5's num_hidden_layers is its num_layers)."""
+        value = archs.config_value(self.config, key, None)
+        if value is None and "." not in key:
+            value = archs.config_value(self.config, f"text_config.{key}", None)
+        if value is None:
+            value = _transformers_config_value(self.source.path, key)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"{self.where}: model {self.key}: config.json has no integer {key} ({what})")
+        return value
 
-def _known(index: _ModelIndex) -> KnownArchitecture | None:
-    k = KNOWN_ARCHITECTURES.get(index.arch) if index.arch else None
-    if k is not None and index.arch in AMBIGUOUS and index.source.config.get("model_type") != k.model_type:
+
+def _transformers_config_value(path: Path, key: str):
+    try:
+        import transformers
+    except ImportError:
         return None
-    return k
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        obj = transformers.AutoConfig.from_pretrained(str(path))
+        for part in key.split("."):
+            obj = getattr(obj, part)
+        return obj
+    except Exception:  # noqa: BLE001 - any failure means "not available"
+        return None
+    finally:
+        transformers.logging.set_verbosity(verbosity)
 
 
-def _check_architectures(indexes: list[_ModelIndex], allow_crimes: bool) -> KnownArchitecture | None:
+# --------------------------------------------------------------------------------------------------
+# Which layout: a definition of mergekit's, or its inference
+
+
+def _refuse_moe(ix: _ModelIndex) -> None:
+    cfg = ix.config
+    text = cfg.get("text_config") or {}
+    if ix.arch in MOE_ARCHITECTURES or any(
+        isinstance(c.get(k), int) and c.get(k) > 0 for c in (cfg, text) for k in MOE_KEYS
+    ):
+        raise NotSupportedError(
+            f"{ix.where}: model {ix.key} is a mixture-of-experts model ({ix.arch}); merging MoE models "
+            "is not supported yet"
+        )
+
+
+def _definition(indexes: list[_ModelIndex], allow_crimes: bool) -> Definition:
     """mergekit's get_architecture_info: one JSON definition for all models, else inference."""
     for ix in indexes:
-        cfg = ix.source.config
-        text = cfg.get("text_config") or {}
-        if ix.arch in MOE_ARCHITECTURES or any(
-            isinstance(c.get(k), int) and c.get(k) > 0 for c in (cfg, text) for k in MOE_KEYS
-        ):
-            raise NotSupportedError(
-                f"{ix.where}: model {ix.key} is a mixture-of-experts model ({ix.arch}); merging MoE models "
-                "is not supported yet"
-            )
-    known = [_known(ix) for ix in indexes]
-    if all(k is not None for k in known):
-        first = known[0]
-        for ix, k in zip(indexes, known):
-            if k.family != first.family and not allow_crimes:
+        _refuse_moe(ix)
+    found = [archs.lookup(ix.arch, ix.model_type) for ix in indexes]
+    if all(d is not None for d in found):
+        first = found[0]
+        for ix, d in zip(indexes, found):
+            if d.family != first.family and not allow_crimes:
                 raise ConfigError(
                     f"{ix.where}: model {ix.key} is a {ix.arch} but {indexes[0].key} is a {indexes[0].arch}; "
                     "mergekit refuses to mix architectures without --allow-crimes"
                 )
         return first
-    return None
+    names: dict[str, None] = {}
+    for ix in indexes:
+        names.update(dict.fromkeys(ix.names))
+    return archs.infer(names)
+
+
+def _common_components(a: str, b: str) -> int:
+    n = 0
+    for x, y in zip(a.split("."), b.split(".")):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+@dataclass
+class _Module:
+    """A module of the layout with the file tensors its definition does not list ("extras")."""
+
+    d: ModuleDef
+    stacks: dict[str, None]  # layer stacks planned per layer: the definition's and extra ones
+    loose_pre: dict[str, None] = field(default_factory=dict)  # extra non-layer tensors before the layers
+    loose_post: dict[str, None] = field(default_factory=dict)  # ... and after them
+
+    @property
+    def name(self) -> str:
+        return self.d.name
+
+
+class _Layout:
+    """The definition's modules, each model's layer count per module, and where the extras go."""
+
+    def __init__(self, d: Definition, indexes: dict[str, _ModelIndex]):
+        self.d = d
+        self.ix = indexes
+        self.single_inferred = d.inferred and len(d.modules) == 1
+        self.modules = {m.name: _Module(m, dict.fromkeys(m.stacks)) for m in d.modules}
+        self.extra_layers: dict[str, dict[str, dict[int, dict[str, str]]]] = {}  # model -> stack -> i -> rest
+        for key, ix in indexes.items():
+            self._extras(key, ix)
+
+    def num_layers(self, model: str, module: str) -> int:
+        ix = self.ix[model]
+        cached = ix.num_layers_cache.get(module)
+        if cached is not None:
+            return cached
+        m = self.modules[module].d
+        if self.single_inferred:
+            try:
+                n = ix.source.num_layers
+            except ModelError:
+                n = self._file_layers(ix, m)
+        elif m.override_num_layers is not None and not m.inferred:
+            n = m.override_num_layers
+        elif m.inferred:
+            n = self._file_layers(ix, m)
+        elif m.num_layers_config_key:
+            n = ix.config_int(m.num_layers_config_key, f"the layer count of module {m.name}")
+        else:
+            n = 0
+        ix.num_layers_cache[module] = n
+        return n
+
+    @staticmethod
+    def _file_layers(ix: _ModelIndex, m: ModuleDef) -> int:
+        n = 0
+        for name in ix.names:
+            hit = split_stack(name)
+            if hit and hit[0] in m.stacks:
+                n = max(n, hit[1] + 1)
+        return n
+
+    def _module_of(self, name: str) -> _Module:
+        """The module an extra tensor belongs to: the one whose names share the longest dotted prefix with
+        it (ties: the first module)."""
+        mods = list(self.modules.values())
+        if len(mods) == 1:
+            return mods[0]
+        best, score = mods[0], -1
+        for mod in mods:
+            names = [mod.d.prefix + w.name for w in mod.d.pre + mod.d.layers + mod.d.post] + list(mod.stacks)
+            s = max((_common_components(name, n) for n in names), default=0)
+            if s > score:
+                best, score = mod, s
+        return best
+
+    def _extras(self, key: str, ix: _ModelIndex) -> None:
+        per_stack: dict[str, dict[int, dict[str, str]]] = {}
+        self.extra_layers[key] = per_stack
+        if self.d.inferred:
+            return  # the layout was inferred from these very names (layers past the count: see below)
+        counts = {m: self.num_layers(key, m) for m in self.modules}
+        claimed = self.d.all_names(counts)
+        for name in ix.names:
+            if name in claimed:
+                continue
+            hit = split_stack(name)
+            if hit is None:
+                mod = self._module_of(name)
+                (mod.loose_pre if is_pre_weight(name) else mod.loose_post)[name] = None
+                continue
+            stack, i, rest = hit
+            mod = next((m for m in self.modules.values() if stack in m.stacks), None) or self._module_of(name)
+            mod.stacks.setdefault(stack, None)
+            n = counts[mod.name]
+            if i >= n:
+                what = (
+                    f"config.json says {mod.d.num_layers_config_key}={n}" if mod.d.num_layers_config_key
+                    else f"module {mod.name} has {n} layers"
+                )  # fmt: skip
+                raise ConfigError(f"{ix.where}: model {key}: its files hold layer {i} ({name}) but {what}")
+            per_stack.setdefault(stack, {}).setdefault(i, {})[rest] = name
+
+    def check_layer_counts(self, key: str) -> None:
+        """Files holding layers beyond the configured count (in the definition's own stacks)."""
+        ix = self.ix[key]
+        for mod in self.modules.values():
+            n = self.num_layers(key, mod.name)
+            for name in ix.names:
+                hit = split_stack(name)
+                if hit and hit[0] in mod.d.stacks and hit[1] >= n:
+                    what = (
+                        f"config.json says {mod.d.num_layers_config_key or 'num_hidden_layers'}={n}"
+                        if not mod.d.inferred or self.single_inferred
+                        else f"module {mod.name} has {n} layers"
+                    )
+                    raise ConfigError(f"{ix.where}: model {key}: its files hold layer {hit[1]} but {what}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -211,6 +359,7 @@ def build_plan(
     allow_crimes: bool = False,
     use_transformers: bool | None = None,
     trust_remote_code: bool = False,
+    unsafe_truncate_embeddings: bool = False,
 ) -> MergePlan:
     """Plan the merge described by `config`.
 
@@ -218,6 +367,8 @@ def build_plan(
     allow_crimes: allow models of different (known) architectures, like mergekit's --allow-crimes.
     use_transformers: build out_config through transformers' AutoConfig exactly as mergekit does (None:
     when transformers is importable; False: edit config.json's dict directly).
+    unsafe_truncate_embeddings: mergekit's --unsafe-truncate-embeddings (vocabulary tensors of
+    different sizes are cut to the smallest, without a tokenizer).
     Raises ConfigError (or ModelError from opening a model) before any tensor data is read.
     """
     given = {normalize_model_path(k, config.base_dir): v for k, v in (sources or {}).items()}
@@ -234,54 +385,95 @@ def build_plan(
         opened[key] = src
         indexes[key] = _ModelIndex.build(key, src, where)
 
-    known = _check_architectures(list(indexes.values()), allow_crimes)
-    prefixes = {ix.prefix for ix in indexes.values()}
-    if len(prefixes) > 1:
-        a, b = list(indexes.values())[:2]
-        raise ConfigError(
-            f"models {a.key} and {b.key} name their layers differently ({a.prefix!r}layers.N vs "
-            f"{b.prefix!r}layers.N); they cannot be merged"
-        )
-
-    slices = config.slices(lambda m: indexes[m].num_layers)
-    for s in slices:
-        if len({src.length for src in s.sources}) > 1:
-            counts = ", ".join(f"{src.model}: {src.length}" for src in s.sources)
-            raise ConfigError(
-                f"{s.where}: all inputs of a slice must have the same number of layers; got {counts}"
-            )
-        for src in s.sources:
-            n = indexes[src.model].num_layers
-            if src.end > n:
+    definition = _definition(list(indexes.values()), allow_crimes)
+    if definition.inferred and (config.tokenizer is not None or unsafe_truncate_embeddings):
+        definition = _with_vocabulary_axes(definition, indexes[config.base_model or config.referenced_models()[0]],
+                                           trust_remote_code)  # fmt: skip
+    layout = _Layout(definition, indexes)
+    for key in indexes:
+        layout.check_layer_counts(key)
+    what = f"the model ({definition.family or 'inferred layout'})"
+    module_slices = config.module_slices(definition.module_names, layout.num_layers, what=what)
+    for mod, slices in module_slices.items():
+        for s in slices:
+            if len({src.length for src in s.sources}) > 1:
+                counts = ", ".join(f"{src.model}: {src.length}" for src in s.sources)
                 raise ConfigError(
-                    f"{src.where}.layer_range: [{src.start}, {src.end}] goes past the last layer of "
-                    f"{src.model}, which has {n} layers"
+                    f"{s.where}: all inputs of a slice must have the same number of layers; got {counts}"
                 )
-
-    planner = _Planner(config, indexes, known)
-    planner.run(slices)
-    tensors = [t for _, _, t in sorted(planner.entries, key=lambda e: (e[0], e[1]))]
-    names = [t.name for t in tensors]
-    if len(set(names)) != len(names):
-        dup = next(n for n in names if names.count(n) > 1)
-        raise ConfigError(f"output tensor {dup} would be written twice")
+            for src in s.sources:
+                n = layout.num_layers(src.model, mod)
+                if src.end > n:
+                    raise ConfigError(
+                        f"{src.where}.layer_range: [{src.start}, {src.end}] goes past the last layer of "
+                        f"{src.model}, which has {n} layers"
+                        + (
+                            ""
+                            if len(module_slices) == 1 and len(definition.modules) == 1
+                            else f" in module {mod}"
+                        )
+                    )
 
     donor = config.donor_model()
-    num_layers = None if slices[0].from_models else sum(s.length for s in slices)
+    vocab = None
+    if config.tokenizer is not None:
+        from mergekit_fast.tokenizer import build_vocab
+
+        vocab = build_vocab(
+            config.tokenizer,
+            base=config.base_model or config.referenced_models()[0],
+            models=config.referenced_models(),
+            configs={k: ix.config for k, ix in indexes.items()},
+            trust_remote_code=trust_remote_code,
+        )
+
+    configured = config.configured_layer_counts(definition.module_names)
+    out_layers = {mod: configured.get(mod, layout.num_layers(donor, mod)) for mod in definition.module_names}
+    planner = _Planner(config, indexes, layout, vocab, unsafe_truncate_embeddings, out_layers)
+    for mod, slices in module_slices.items():
+        planner.plan_module(layout.modules[mod], slices)
+    tensors = planner.tensors()
+    if vocab is not None and not any(r.rows is not None for t in tensors for r in t.inputs):
+        raise ConfigError(
+            f"{config.tokenizer.where}: no tensor of these models is known to be indexed by token ids (the "
+            "architecture has no definition in mergekit and transformers cannot build it), so the embeddings "
+            "cannot be re-indexed to the new vocabulary (mergekit would leave them as they are)"
+        )
+
+    settings: dict[str, int] = {}
+    for mod, n in configured.items():
+        mdef = layout.modules[mod].d
+        key = mdef.num_layers_config_key
+        if key is None and layout.single_inferred:
+            key = _layer_key(indexes[donor].config)  # mergekit leaves it; see the module docstring
+        if key is None:
+            if n > 0:
+                LOG.warning("module %s has no config key for its number of layers; %d is not written", mod, n)
+            continue
+        settings[key] = n
+    if vocab is not None:
+        settings[definition.vocab_size_config_key or "vocab_size"] = vocab.size
     out_config = _out_config(
         opened[donor],
         config.out_dtype or config.dtype,
-        num_layers,
+        settings,
         use_transformers=use_transformers,
         trust_remote_code=trust_remote_code,
     )
 
-    if config.tokenizer_source is None:
-        tok_path = Path(donor)
-    else:
-        tok_path = Path(donor if config.tokenizer_source == "base" else config.tokenizer_source)
-        vocab = _check_tokenizer(config, tok_path, indexes, tensors, known)
-        out_config["vocab_size"] = len(vocab)
+    tok_out = None
+    extra_inputs: list[str] = []
+    if vocab is not None or config.chat_template:
+        from mergekit_fast.tokenizer import TokenizerOutput, resolve_chat_template
+
+        template = resolve_chat_template(config.chat_template, config.referenced_models(),
+                                         trust_remote_code=trust_remote_code)  # fmt: skip
+        tok_out = TokenizerOutput(vocab, template, donor, trust_remote_code)
+    tok_path = Path(donor)
+    if config.tokenizer is not None and config.tokenizer.source not in ("base", "union"):
+        extra_inputs.append(config.tokenizer.source)
+        tok_path = Path(config.tokenizer.source)
+    tagalong = tuple(Path(donor) / f for f in definition.tagalong_files if (Path(donor) / f).is_file())
 
     return MergePlan(
         sources=opened,
@@ -289,122 +481,151 @@ def build_plan(
         out_config=out_config,
         tokenizer_source=tok_path,
         config_yaml=config.yaml_text,
+        tokenizer=tok_out,
+        tagalong=tagalong,
+        architecture=definition.family,
+        extra_inputs=tuple(extra_inputs),
     )
 
 
+def _with_vocabulary_axes(d: Definition, ix: _ModelIndex, trust_remote_code: bool) -> Definition:
+    """An inferred layout with the vocabulary axes transformers gives (mergekit's inference does the same
+    on the base model)."""
+    shapes = {n: tuple(info.shape) for n, info in ix.source.tensors.items()}
+    axes = archs.vocabulary_axes(ix.source.path, ix.config, shapes, trust_remote_code=trust_remote_code)
+    if not axes:
+        return d
+
+    def mark(ws):
+        return tuple(replace(w, vocabulary_axis=axes.get(w.name)) for w in ws)
+
+    return replace(d, modules=tuple(replace(m, pre=mark(m.pre), post=mark(m.post)) for m in d.modules))
+
+
 class _Planner:
-    def __init__(self, config: MergeConfig, indexes: dict[str, _ModelIndex], known: KnownArchitecture | None):
+    def __init__(self, config: MergeConfig, indexes: dict[str, _ModelIndex], layout: _Layout, vocab,
+                 truncate: bool, out_layers: dict[str, int | None]):  # fmt: skip
         self.config = config
         self.ix = indexes
-        self.known = known
+        self.layout = layout
+        self.vocab = vocab
+        self.truncate = truncate
+        self.out_layers = out_layers
         self.method = config.method
         self.in_dtype = dtype_from_name(config.dtype)
         self.out_dtype = dtype_from_name(config.out_dtype)
-        self.entries: list[tuple[str, int, OutputTensor]] = []
+        self.entries: dict[str, tuple[str, int, OutputTensor]] = {}
+        self.seq = 0
+        self.absent: list[str] = []  # weights of the definition that no input has
 
-    def run(self, slices: list[SliceSpec]) -> None:
+    def tensors(self) -> list[OutputTensor]:
+        if self.absent:
+            LOG.info("%d weight(s) of the architecture definition are in no input and are not written: %s",
+                     len(self.absent), ", ".join(self.absent[:5]))  # fmt: skip
+        return [t for _, _, t in sorted(self.entries.values(), key=lambda e: (e[0], e[1]))]
+
+    # -- mergekit's plan_module / plan_slice / plan_layer
+
+    def plan_module(self, mod: _Module, slices: list[SliceSpec]) -> None:
         first, last = slices[0], slices[-1]
-        out_prefix = self.ix[self.config.donor_model()].prefix
-
-        def loose_names(models: list[str], pre: bool | None) -> list[str]:
-            names: dict[str, None] = {}
-            for m in models:
-                for n in self.ix[m].loose:
-                    if pre is None or is_pre_weight(n) == pre:
-                        names[n] = None
-            return list(names)
-
-        # Weights before the layers: from the first slice's sources (mergekit: pre_weights).
-        pre = None if self.known is None else True
-        for name in loose_names(first.models, pre):
-            self.plan_tensor(name, [name] * len(first.models), first.models, first, 0, layer_rest=None)
+        n_out = self.out_layers.get(mod.name)
+        pre = mod.d.pre_weights(n_out if mod.d.uses_num_layers else None)
+        for w in pre:
+            self.plan_tensor(w, [w] * len(first.models), first.models, first, 0)
+        for name in mod.loose_pre:
+            w = WeightDef(name)
+            self.plan_tensor(w, [w] * len(first.models), first.models, first, 0, extra=True)
 
         out_layer = 0
         for s in slices:
             n = s.length
             for offset in range(n):
                 t = offset / (n - 1) if n > 1 else 1
-                rests: dict[str, None] = {}
-                in_layers = []
-                for src in s.sources:
-                    idx = src.start + offset
-                    layer = self.ix[src.model].layers.get(idx)
-                    if not layer:
-                        raise ConfigError(f"{src.where}: model {src.model} has no tensors for layer {idx}")
-                    in_layers.append(idx)
-                    rests.update(dict.fromkeys(layer))
-                for rest in rests:
-                    in_names = [
-                        f"{self.ix[src.model].prefix}layers.{i}.{rest}"
-                        for src, i in zip(s.sources, in_layers)
-                    ]
-                    out_name = f"{out_prefix}layers.{out_layer}.{rest}"
-                    self.plan_tensor(out_name, in_names, s.models, s, t, layer_rest=rest)
+                self.plan_layer(mod, s, offset, out_layer, t)
                 out_layer += 1
 
-        # Weights after the layers: from the last slice's sources, as many as the first slice has
-        # (mergekit zips the last slice's models with a list sized by the first slice).
-        if self.known is not None:
-            post_models = last.models[: len(first.models)]
-            for name in loose_names(post_models, False):
-                self.plan_tensor(name, [name] * len(post_models), post_models, last, 0, layer_rest=None)
+        post_models = last.models[: len(first.models)]
+        post = mod.d.post_weights(n_out if mod.d.uses_num_layers else None)
+        for w in post:
+            self.plan_tensor(w, [w] * len(post_models), post_models, last, 0)
+        for name in mod.loose_post:
+            w = WeightDef(name)
+            self.plan_tensor(w, [w] * len(post_models), post_models, last, 0, extra=True)
 
-    def _optional(self, name: str, layer_rest: str | None) -> bool:
-        if self.known is None:
-            return True  # mergekit's inferred architectures mark weights missing from some model optional
-        if layer_rest is not None:
-            return layer_rest in self.known.optional_layer
-        return name in self.known.optional or name in self.known.tied
+    def plan_layer(self, mod: _Module, s: SliceSpec, offset: int, out_layer: int, t: float) -> None:
+        n_out = self.out_layers.get(mod.name)
+        outs = mod.d.layer_weights(out_layer, n_out if mod.d.uses_num_layers else None)
+        ins = [
+            mod.d.layer_weights(src.start + offset, self.layout.num_layers(src.model, mod.name) if
+                                mod.d.uses_num_layers else None)
+            for src in s.sources
+        ]  # fmt: skip
+        for k, w in enumerate(outs):
+            repeat = LAYER_INDEX not in mod.d.layers[k].name
+            self.plan_tensor(w, [ws[k] for ws in ins], s.models, s, t, replaces=repeat)
+        # the tensors of this layer the definition does not list
+        for stack in mod.stacks:
+            rests: dict[str, None] = {}
+            for src in s.sources:
+                layer = self.layout.extra_layers[src.model].get(stack, {}).get(src.start + offset, {})
+                rests.update(dict.fromkeys(layer))
+            for rest in rests:
+                w_out = WeightDef(f"{stack}{out_layer}.{rest}")
+                w_ins = [WeightDef(f"{stack}{src.start + offset}.{rest}") for src in s.sources]
+                self.plan_tensor(w_out, w_ins, s.models, s, t, extra=True)
+
+    def _optional(self, w: WeightDef) -> bool:
+        return w.optional or self.layout.d.inferred
 
     def _shape_hint(self, m0: str, m1: str, name: str, s0, s1) -> str:
         """Why two inputs' shapes differ, in the models' own terms (config keys), where that is clear."""
-        c0 = self.ix[m0].source.config
-        c1 = self.ix[m1].source.config
+        c0 = self.ix[m0].config
+        c1 = self.ix[m1].config
         c0, c1 = c0.get("text_config") or c0, c1.get("text_config") or c1
         keys = ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
                 "head_dim")  # fmt: skip
         diff = [f"{k} {c0.get(k)} vs {c1.get(k)}" for k in keys if c0.get(k) != c1.get(k)]
         vocab_axis_only = len(s0) == len(s1) and s0[0] != s1[0] and tuple(s0[1:]) == tuple(s1[1:])
-        if (
-            vocab_axis_only
-            and (is_pre_weight(name) or "lm_head" in name)
-            and all(d.startswith("vocab_size") for d in diff)
-        ):
+        if vocab_axis_only and all(d.startswith("vocab_size") for d in diff) and diff:
             return (
-                " (different vocabulary sizes: mergekit needs a tokenizer config or "
-                "--unsafe-truncate-embeddings, neither is supported yet)"
+                " (different vocabulary sizes: merge them into one vocabulary with tokenizer_source: union, "
+                "base or a model path (or a tokenizer: block), or cut them to the smallest with "
+                "--unsafe-truncate-embeddings, as in mergekit)"
             )
         return f" (the models differ: {', '.join(diff)})" if diff else ""
 
     def plan_tensor(
         self,
-        out_name: str,
-        in_names: list[str],
+        w_out: WeightDef,
+        w_ins: list[WeightDef],
         models: list[str],
         s: SliceSpec,
         t: float,
         *,
-        layer_rest: str | None,
+        extra: bool = False,
+        replaces: bool = False,
     ) -> None:
         """Plan one output tensor: resolve its inputs, resolve its parameters, check, then let the method
         plan the computation (its ``plan`` hook)."""
-        resolved = self._resolve_inputs(out_name, in_names, models, layer_rest)
+        resolved = self._resolve_inputs(w_out, w_ins, models)
         if resolved is None:
-            return  # an optional weight absent from every input is skipped
-        group = self._resolve_parameters(out_name, in_names, models, resolved, s, t, layer_rest)
-        self._check(group, s, t, in_names)
+            return
+        group = self._resolve_parameters(w_out, w_ins, models, resolved, s, t)
+        self._vocabulary(group, w_out, s)
+        self._check(group, s, t, [w.name for w in w_ins])
         planned = self.method.plan(group)
         if planned is None:
             return
-        infos = [self.ix[r.model].info(r.tensor) for r in planned.inputs]
-        shape = tuple(infos[0].shape) if infos else ()
+        shapes = [self._shape(r) for r in planned.inputs]
+        shape = shapes[0] if shapes else ()
         in_dtype = self.in_dtype
         if in_dtype is None:
+            infos = [self.ix[r.model].info(r.tensor) for r in planned.inputs]
             in_dtype = infos[0].dtype
             for info in infos[1:]:
                 in_dtype = dtypes.promote(in_dtype, info.dtype)
         tensor = OutputTensor(
-            name=out_name,
+            name=w_out.name,
             shape=shape,
             in_dtype=in_dtype,
             out_dtype=self.out_dtype or in_dtype,
@@ -414,52 +635,59 @@ class _Planner:
             has_base=planned.has_base,
         )
         label = max(r for r in resolved if r is not None)
-        self.entries.append((label, len(self.entries), tensor))
+        if w_out.name in self.entries and not replaces:
+            raise ConfigError(f"output tensor {w_out.name} would be written twice")
+        # mergekit writes a weight planned twice (a layer template without ${layer_index}) twice: the
+        # last write wins
+        self.entries[w_out.name] = (label, self.seq, tensor)
+        self.seq += 1
 
-    def _resolve_inputs(self, out_name, in_names, models, layer_rest) -> list[str | None] | None:
-        """Per model, the tensor it contributes (a tied weight's fallback included), None where it has none;
-        None when no model has it. A weight that is not optional must be in every model."""
+    def _shape(self, ref: InputRef) -> tuple[int, ...]:
+        shape = tuple(self.ix[ref.model].info(ref.tensor).shape)
+        return ref.rows.out_shape(shape) if ref.rows is not None else shape
+
+    def _resolve_inputs(self, w_out: WeightDef, w_ins, models) -> list[str | None] | None:
+        """Per model, the tensor it contributes (name, aliases, tied names), None where it has none; None
+        when the weight is not written. A weight that is not optional must be in every model that has it."""
+        if w_out.optional and not any(any(self.ix[m].has(n) for n in w.names) for m, w in zip(models, w_ins)):
+            return None  # mergekit skips an optional weight no model stores under its name or aliases
         resolved: list[str | None] = []
-        for m, name in zip(models, in_names):
+        for m, w in zip(models, w_ins):
             ix = self.ix[m]
-            if ix.has(name):
-                resolved.append(name)
-            elif layer_rest is None and self.known is not None and ix.has(self.known.tied.get(name, "\0")):
-                resolved.append(self.known.tied[name])
-            else:
-                resolved.append(None)
+            resolved.append(next((n for n in w.lookup_names if ix.has(n)), None))
         present = [i for i, r in enumerate(resolved) if r is not None]
         if not present:
+            if not self._optional(w_out):
+                self.absent.append(w_out.name)
             return None
-        if len(present) < len(models) and not self._optional(in_names[0], layer_rest):
+        if len(present) < len(models) and not self._optional(w_out):
             i_missing = next(i for i, r in enumerate(resolved) if r is None)
             i_has = present[0]
             raise ConfigError(
-                f"tensor {in_names[i_missing]} (for output {out_name}) is missing from model "
+                f"tensor {w_ins[i_missing].name} (for output {w_out.name}) is missing from model "
                 f"{models[i_missing]} ({self.config.where(models[i_missing])}) but present in "
                 f"{models[i_has]} as {resolved[i_has]}"
             )
         return resolved
 
-    def _resolve_parameters(
-        self, out_name, in_names, models, resolved, s: SliceSpec, t, layer_rest
-    ) -> TensorGroup:
+    def _resolve_parameters(self, w_out, w_ins, models, resolved, s: SliceSpec, t) -> TensorGroup:
         """The method's parameters for this tensor, as mergekit resolves them at planning time: shared ones
         against the output name, per-input ones per model against its input name (non-base ones skip the
         base)."""
         method: MergeMethod = self.method
         gparams = self.config.parameters
+        out_name = w_out.name
         shared = {
             p.name: resolve_parameter(p, s.parameter_scopes(None, gparams), tensor_name=out_name, t=t)
             for p in method.shared_params
         }
         per_input = {
             m: {
-                p.name: resolve_parameter(p, s.parameter_scopes(m, gparams), tensor_name=name, t=t, model=m)
+                p.name: resolve_parameter(p, s.parameter_scopes(m, gparams), tensor_name=w.name, t=t, model=m)
                 for p in method.input_params
                 if p.scope == Scope.INPUT or m != s.base_model
             }
-            for m, name in zip(models, in_names)
+            for m, w in zip(models, w_ins)
         }
         refs = [None if r is None else InputRef(m, r) for m, r in zip(models, resolved)]
         return TensorGroup(
@@ -469,9 +697,52 @@ class _Planner:
             base=s.base_model,
             shared=shared,
             per_input=per_input,
-            optional=self._optional(in_names[0], layer_rest),
+            optional=self._optional(w_out),
             where=self.config.where,
         )
+
+    def _vocabulary(self, group: TensorGroup, w_out: WeightDef, s: SliceSpec) -> None:
+        """Re-index the inputs of a vocabulary tensor (mergekit's PermutedVocabulary, TruncatedVocabulary)."""
+        axis = w_out.vocabulary_axis
+        if axis is None or (self.vocab is None and not self.truncate):
+            return
+        refs = group.refs
+        infos = {i: self.ix[r.model].info(r.tensor) for i, r in enumerate(refs) if r is not None}
+        for i, info in infos.items():
+            if axis >= len(info.shape) or info.shape[axis] == 0:
+                raise ConfigError(f"tensor {refs[i].tensor} of {refs[i].model}: no vocabulary axis {axis} in "
+                                  f"shape {tuple(info.shape)}")  # fmt: skip
+        others = {tuple(d for k, d in enumerate(info.shape) if k != axis) for info in infos.values()}
+        if len(others) > 1 and self.method.same_shape:
+            i0, i1 = list(infos)[:2]
+            raise ConfigError(
+                f"tensor {group.name}: the non-vocabulary dimensions of {group.models[i0]} "
+                f"({tuple(infos[i0].shape)}) and {group.models[i1]} ({tuple(infos[i1].shape)}) differ"
+            )
+        if self.vocab is not None:
+            maps = self.vocab.row_maps(
+                group.name,
+                refs,
+                group.models,
+                axis,
+                lambda r: self.ix[r.model].info(r.tensor).shape[axis],
+                s.base_model,
+            )
+            group.refs = [None if r is None else replace(r, rows=rm) for r, rm in zip(refs, maps)]
+        elif self.truncate:
+            from mergekit_fast.vocabulary import prefix
+
+            sizes = {i: info.shape[axis] for i, info in infos.items()}
+            n = min(sizes.values())
+            if all(v == n for v in sizes.values()):
+                return
+            LOG.warning(
+                "UNSAFE vocabulary truncation for %s: %s -> %d rows along axis %d (--unsafe-truncate-embeddings: "
+                "this assumes the models' token ids agree on the rows kept)",
+                group.name, [tuple(info.shape) for info in infos.values()], n, axis,
+            )  # fmt: skip
+            rm = prefix(axis, n)
+            group.refs = [None if r is None else replace(r, rows=rm) for r in refs]
 
     def _check(self, group: TensorGroup, s: SliceSpec, t: float, in_names: list[str]) -> None:
         """The method's contract and value checks, then the inputs' shapes and dtypes."""
@@ -491,21 +762,23 @@ class _Planner:
 
         method.check_values(group, where)
 
-        infos = [(group.models[i], group.refs[i].tensor, self.ix[group.models[i]].info(group.refs[i].tensor))
-                 for i in group.present]  # fmt: skip
+        refs = [(group.models[i], group.refs[i]) for i in group.present]
         if method.same_shape:
-            m0, n0, i0 = infos[0]
-            for m, n, info in infos[1:]:
-                if tuple(info.shape) != tuple(i0.shape):
+            m0, r0 = refs[0]
+            s0 = self._shape(r0)
+            for m, r in refs[1:]:
+                sh = self._shape(r)
+                if sh != s0:
                     raise ConfigError(
-                        f"tensor {group.name}: shape mismatch between {m0} ({n0}: {tuple(i0.shape)}) and "
-                        f"{m} ({n}: {tuple(info.shape)}){self._shape_hint(m0, m, n0, i0.shape, info.shape)}"
+                        f"tensor {group.name}: shape mismatch between {m0} ({r0.tensor}: {s0}) and "
+                        f"{m} ({r.tensor}: {sh}){self._shape_hint(m0, m, r0.tensor, s0, sh)}"
                     )
-        for m, n, info in infos:
+        for m, r in refs:
+            info = self.ix[m].info(r.tensor)
             if not info.dtype.is_float:
                 raise NotSupportedError(
-                    f"tensor {n} of {m} has dtype {info.dtype}; merging non-floating-point tensors is not "
-                    "supported yet"
+                    f"tensor {r.tensor} of {m} has dtype {info.dtype}; merging non-floating-point tensors is "
+                    "not supported yet"
                 )
 
 
@@ -519,19 +792,28 @@ _LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 def _out_config(
     donor: ModelSource,
     dtype_name: str | None,
-    num_layers: int | None,
+    settings: dict[str, int] | int | None,
     *,
     use_transformers: bool | None,
     trust_remote_code: bool = False,
 ) -> dict:
-    """The config.json mergekit writes: the donor's config with dtype and the layer count set.
+    """The config.json mergekit writes: the donor's config with dtype, layer counts and vocabulary size set.
 
-    mergekit loads it with transformers' AutoConfig, sets `torch_dtype` (out_dtype, else dtype) and
-    `num_hidden_layers`, and saves it with save_pretrained, which normalises the file (transformers 5
-    writes `dtype`, converts legacy rope keys, stamps its own version). With transformers available this
-    does the same; without it, it edits the dict: `torch_dtype` becomes `dtype`, nothing else changes.
+    mergekit loads it with transformers' AutoConfig, sets `torch_dtype` (out_dtype, else dtype), the
+    layer count of every module it merged from slices (`num_hidden_layers`, `text_config.num_hidden_layers`,
+    ...) and the vocabulary size, and saves it with save_pretrained, which normalises the file
+    (transformers 5 writes `dtype`, converts legacy rope keys, stamps its own version). With transformers
+    available this does the same; without it (or when the file would come back unchanged), it edits the
+    dict: `torch_dtype` becomes `dtype`, nothing else changes. ``settings``: dotted key -> value (an int:
+    the layer count under the donor's layer key, as older callers pass it).
     """
-    if use_transformers is None and _saved_by_installed_transformers(donor.config):
+    if isinstance(settings, int):
+        settings = {_layer_key(donor.config): settings}
+    settings = dict(settings or {})
+    in_dict = all(
+        _parent_exists(donor.config, k) and archs.has_config_value(donor.config, k) for k in settings
+    )
+    if use_transformers is None and _saved_by_installed_transformers(donor.config) and in_dict:
         # transformers would load and save this file unchanged: skip its ~2 s import.
         use_transformers = False
     if use_transformers is not False:
@@ -557,8 +839,8 @@ def _out_config(
                 if cfg is not None:
                     if dtype_name:
                         cfg.torch_dtype = dtype_name
-                    if num_layers is not None:
-                        setattr(cfg, _layer_key(cfg.to_dict()), num_layers)
+                    for key, value in settings.items():
+                        _set_attr(cfg, key, value)
                     if "transformers_weights" in cfg:  # save_pretrained drops it
                         delattr(cfg, "transformers_weights")
                     return json.loads(cfg.to_json_string(use_diff=True))
@@ -569,9 +851,39 @@ def _out_config(
         out.setdefault("dtype", out.pop("torch_dtype"))
     if dtype_name:
         out["dtype"] = dtype_name
-    if num_layers is not None:
-        out[_layer_key(out)] = num_layers
+    for key, value in settings.items():
+        if not _parent_exists(out, key):
+            LOG.warning("cannot set %s in the output config.json; set it by hand to %s", key, value)
+            continue
+        if "." not in key and key not in out and isinstance(out.get("text_config"), dict) \
+                and key in out["text_config"]:  # fmt: skip
+            key = f"text_config.{key}"
+        archs.set_config_value(out, key, value)
     return out
+
+
+def _parent_exists(config: dict, key: str) -> bool:
+    parts = key.split(".")
+    return len(parts) == 1 or isinstance(archs.config_value(config, ".".join(parts[:-1]), None), dict)
+
+
+def _set_attr(cfg, key: str, value) -> None:
+    """mergekit's set_config_value on a transformers config; a key missing at the top level of a
+    multi-modal config goes to its text_config when that has it (see the module docstring)."""
+    parts = key.split(".")
+    obj = cfg
+    for part in parts[:-1]:
+        obj = getattr(obj, part)
+    leaf = parts[-1]
+    text = getattr(obj, "text_config", None) if len(parts) == 1 else None
+    try:
+        getattr(obj, leaf)
+        has = True
+    except AttributeError:
+        has = False
+    if not has and text is not None and hasattr(text, leaf):
+        obj = text
+    setattr(obj, leaf, value)
 
 
 def _saved_by_installed_transformers(config: dict) -> bool:
@@ -588,10 +900,10 @@ def _layer_key(cfg: dict) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
-# tokenizer_source: base / a model path
+# Vocabularies
 
 
-def read_vocab(model_dir: str | os.PathLike) -> dict[str, int] | None:
+def read_vocab(model_dir) -> dict[str, int] | None:
     """The vocabulary of a fast tokenizer (tokenizer.json: model vocab plus added tokens), or None."""
     path = Path(model_dir) / "tokenizer.json"
     if not path.is_file():
@@ -611,59 +923,3 @@ def read_vocab(model_dir: str | os.PathLike) -> dict[str, int] | None:
         return out
     except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
         raise ConfigError(f"{path}: cannot read the tokenizer ({exc})") from None
-
-
-_VOCAB_SUFFIXES = ("embed_tokens.weight", "lm_head.weight", "word_embeddings.weight", "embed_in.weight")
-
-
-def _check_tokenizer(
-    config: MergeConfig,
-    tok_path: Path,
-    indexes: dict[str, _ModelIndex],
-    tensors: list[OutputTensor],
-    known: KnownArchitecture | None,
-) -> dict[str, int]:
-    """mergekit re-indexes embeddings to the output tokenizer when tokenizer_source is set. Accept the
-    configs where that re-indexing is the identity (every model's vocabulary agrees with the output
-    tokenizer's, and embeddings have exactly one row per token), so the merge is unchanged."""
-    what = f"tokenizer_source ({config.raw.tokenizer_source})"
-    donor = config.donor_model()
-    base_vocab = read_vocab(donor)
-    if base_vocab is None:
-        raise NotSupportedError(
-            f"{what}: {donor} has no tokenizer.json; only fast tokenizers can be checked, others are not "
-            "supported yet"
-        )
-    # mergekit's get_stripped_tokenizer drops the base tokens at or beyond its config's vocab_size
-    size = indexes[donor].source.config.get("vocab_size")
-    if isinstance(size, int):
-        base_vocab = {k: v for k, v in base_vocab.items() if v < size}
-    if config.tokenizer_source == "base":
-        vocab_out = base_vocab
-    else:
-        vocab_out = read_vocab(tok_path)
-        if vocab_out is None:
-            raise NotSupportedError(
-                f"{what}: {tok_path} has no tokenizer.json; only fast tokenizers can be checked, others are "
-                "not supported yet"
-            )
-    n = len(vocab_out)
-    for key, ix in indexes.items():
-        # a model whose tokenizer cannot be loaded is assumed to share the base's (as mergekit does)
-        vocab = base_vocab if key == donor else (read_vocab(key) or base_vocab)
-        size = ix.source.config.get("vocab_size", len(vocab))
-        for tok, i in vocab_out.items():
-            if vocab.get(tok) != i or i >= size:
-                raise NotSupportedError(
-                    f"{what}: model {key} gives token {tok!r} a different id than the output tokenizer "
-                    f"({vocab.get(tok)} vs {i}); re-indexing embeddings to a new vocabulary is not supported yet"
-                )
-    vocab_tensors = set(known.tied) | set(known.tied.values()) if known else set()
-    for t in tensors:
-        if t.name in vocab_tensors or t.name.endswith(_VOCAB_SUFFIXES):
-            if t.shape[0] != n:
-                raise NotSupportedError(
-                    f"{what}: {t.name} has {t.shape[0]} rows but the output tokenizer has {n} tokens; mergekit "
-                    "would resize the embeddings, which is not supported yet"
-                )
-    return vocab_out

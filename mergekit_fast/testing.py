@@ -109,6 +109,76 @@ def make_model(
     return path
 
 
+# Tiny configs of other layouts (tests of architectures, modules and vocabularies): name -> (model class,
+# config class, config keyword arguments). Vision-language and encoder-decoder models included.
+_TEXT = dict(num_hidden_layers=2, hidden_size=32, intermediate_size=64, vocab_size=128, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+OTHER_LAYOUTS = {
+    "gpt2": ("GPT2LMHeadModel", "GPT2Config", dict(n_layer=2, n_embd=32, n_head=4, vocab_size=128, n_positions=64,
+                                                   bos_token_id=1, eos_token_id=2)),
+    "gpt_neox": ("GPTNeoXForCausalLM", "GPTNeoXConfig", dict(num_hidden_layers=2, hidden_size=32, intermediate_size=64,
+                                                              vocab_size=128, num_attention_heads=4,
+                                                              max_position_embeddings=64)),
+    "mpt": ("MptForCausalLM", "MptConfig", dict(n_layers=2, d_model=32, n_heads=4, vocab_size=128, max_seq_len=64)),
+    "starcoder2": ("Starcoder2ForCausalLM", "Starcoder2Config", dict(_TEXT)),
+    "mamba": ("MambaForCausalLM", "MambaConfig", dict(num_hidden_layers=2, hidden_size=32, vocab_size=128,
+                                                      state_size=4)),
+    "roberta": ("RobertaForMaskedLM", "RobertaConfig", dict(_TEXT, num_key_value_heads=None, pad_token_id=1)),
+    "t5": ("T5ForConditionalGeneration", "T5Config", dict(num_layers=2, num_decoder_layers=2, d_model=32, d_kv=8,
+                                                          d_ff=64, num_heads=4, vocab_size=128,
+                                                          feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+                                                          decoder_start_token_id=0)),
+    "whisper": ("WhisperForConditionalGeneration", "WhisperConfig", dict(
+        vocab_size=128, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=8, max_source_positions=16,
+        max_target_positions=16, pad_token_id=1, bos_token_id=2, eos_token_id=3, decoder_start_token_id=2)),
+    "mistral3": ("Mistral3ForConditionalGeneration", "Mistral3Config", dict(
+        text_config=dict(_TEXT, head_dim=8, model_type="mistral"),
+        vision_config=dict(model_type="pixtral", num_hidden_layers=2, hidden_size=32, intermediate_size=64,
+                           num_attention_heads=4, image_size=32, patch_size=8, head_dim=8))),
+    "qwen2_vl": ("Qwen2VLForConditionalGeneration", "Qwen2VLConfig", dict(
+        text_config=dict(_TEXT, head_dim=8, rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}),
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=32, num_heads=4, mlp_ratio=2, in_channels=3,
+                           patch_size=2, spatial_merge_size=2, temporal_patch_size=2))),
+    "llava": ("LlavaForConditionalGeneration", "LlavaConfig", dict(
+        text_config=dict(_TEXT, model_type="llama"),
+        vision_config=dict(model_type="clip_vision_model", num_hidden_layers=2, hidden_size=32, intermediate_size=64,
+                           num_attention_heads=4, image_size=32, patch_size=8, projection_dim=32),
+        image_token_index=127)),
+}  # fmt: skip
+
+
+def make_layout_model(path: str | Path, kind: str, *, seed: int = 0, dtype: torch.dtype = torch.float32,
+                      tokenizer: bool = False, **config_overrides) -> Path:  # fmt: skip
+    """A tiny random model of another layout (``OTHER_LAYOUTS``: GPT-2, GPT-NeoX, MPT, T5, Whisper,
+    LLaVA, Mistral3, Qwen2-VL, ...) saved with ``save_pretrained``; seed-dependent noise on every
+    parameter as in ``make_model``. ``tokenizer=True`` writes a word-level tokenizer of the text vocabulary."""
+    import transformers
+
+    model_cls, config_cls, kw = OTHER_LAYOUTS[kind]
+    kw = {**kw, **config_overrides}
+    config = getattr(transformers, config_cls)(**kw)
+    torch.manual_seed(seed)
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        model = getattr(transformers, model_cls)(config)
+        gen = torch.Generator().manual_seed(10_000 + seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.05)
+        model = model.to(dtype)
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(path)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    if tokenizer:
+        text = kw.get("text_config") or kw
+        write_tokenizer(path, text.get("vocab_size", 128))
+    return path
+
+
 def write_tokenizer(path: str | Path, vocab_size: int, *, shift: int = 0) -> Path:
     """Write a word-level fast tokenizer with `vocab_size` tokens to `path`.
 

@@ -43,8 +43,17 @@ def _written(out_dir: Path, name: str) -> torch.Tensor:
 
 def reference(t, sources, seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(the method's reference output in out_dtype, per-element error scale or None for |ref|)."""
+    from mergekit_fast.vocabulary import gather_reference
+
     method = methods.get(t.method)
-    ins = [_load(sources[r.model], r.tensor).to(t.in_dtype.torch) for r in t.inputs]
+
+    def load(r):
+        x = _load(sources[r.model], r.tensor)
+        if r.rows is not None:  # a vocabulary tensor re-indexed to the output vocabulary
+            return gather_reference(r.rows, x, lambda o: _load(sources[o.model], o.tensor), t.in_dtype.torch)
+        return x.to(t.in_dtype.torch)
+
+    ins = [load(r) for r in t.inputs]
     p = dict(t.params)
     out = method.reference(ins, p, Context(name=t.name, seed=seed, backend="torch"))
     return out.to(t.out_dtype.torch), method.verify_scale(ins, p)

@@ -370,9 +370,9 @@ BAD_CONFIGS = [
     (
         "merge_method: linear\nmodels:\n  - model: a\nslices:\n  - sources:\n      - {model: a, layer_range: [0, 1]}\n",
         ConfigError,
-        "models/slices: exactly one of 'models' or 'slices' must be given; got both",
+        "models/slices/modules: exactly one of 'models', 'slices' or 'modules' must be given; got models and slices",
     ),
-    ("merge_method: linear\nmodels: []\n", ConfigError, "models/slices: exactly one"),
+    ("merge_method: linear\nmodels: []\n", ConfigError, "models/slices/modules: exactly one"),
     (
         "merge_method: ties\nmodels:\n  - model: a\n",
         NotSupportedError,
@@ -449,21 +449,50 @@ BAD_CONFIGS = [
         ConfigError,
         "slices[0].sources: a slice needs at least one source",
     ),
-    ("merge_method: linear\nmodules: {text: {models: [{model: a}]}}\n", NotSupportedError, "modules: "),
     (
-        "merge_method: linear\nmodels:\n  - model: a\ntokenizer: {source: base}\n",
-        NotSupportedError,
-        "tokenizer: ",
+        "merge_method: linear\nmodules: {text: {models: [{model: a}], slices: [{sources: [{model: a, "
+        "layer_range: [0, 1]}]}]}}\nparameters: {weight: 1}\n",
+        ConfigError,
+        "modules.text: exactly one of 'models' or 'slices' must be given; got both",
     ),
     (
-        "merge_method: linear\nmodels:\n  - model: a\nchat_template: chatml\n",
-        NotSupportedError,
-        "chat_template: ",
+        "merge_method: linear\nmodules: {text: {models: [{model: a, parameters: {weight: x}}]}}\n",
+        ConfigError,
+        "modules.text.models[0].parameters.weight: 'x' is not a valid value",
     ),
     (
-        "merge_method: linear\nmodels:\n  - model: a\ntokenizer_source: union\n",
-        NotSupportedError,
-        "tokenizer_source: 'union'",
+        "merge_method: linear\nmodules: {text: {slices: [{sources: [{model: a, layer_range: [2, 1]}]}]}}\n"
+        "parameters: {weight: 1}\n",
+        ConfigError,
+        "modules.text.slices[0].sources[0].layer_range: [2, 1] is not a half-open range",
+    ),
+    (
+        "merge_method: linear\nmodels:\n  - model: a\nparameters: {weight: 1}\ntokenizer_source: base\n"
+        "tokenizer: {source: base}\n",
+        ConfigError,
+        "tokenizer: give either tokenizer_source or a tokenizer: block",
+    ),
+    (
+        "merge_method: linear\nmodels:\n  - model: a\nparameters: {weight: 1}\nchat_template: chatmlx\n",
+        ConfigError,
+        "chat_template: 'chatmlx' is neither 'auto', one of mergekit's templates (alpaca, chatml,",
+    ),
+    (
+        "merge_method: linear\nmodels:\n  - model: a\nparameters: {weight: 1}\n"
+        "tokenizer: {tokens: {'<x>': {source: {kind: other}}}}\n",
+        ConfigError,
+        "tokenizer.tokens.<x>.source: kind must be 'model_token' or 'zero'",
+    ),
+    (
+        "merge_method: linear\nmodels:\n  - model: a\nparameters: {weight: 1}\n"
+        "tokenizer: {tokens: {'<x>': {source: {kind: model_token, model: a}}}}\n",
+        ConfigError,
+        "tokenizer.tokens.<x>.source: give exactly one of token_id or token",
+    ),
+    (
+        "merge_method: linear\nmodels:\n  - model: a\nparameters: {weight: 1}\ntokenizer: {pad_to_multiple_of: 0}\n",
+        ConfigError,
+        "tokenizer.pad_to_multiple_of: must be a positive integer",
     ),
     (
         "merge_method: linear\nmodels:\n  - model: a\ntokenizer_source: {a: 1}\n",

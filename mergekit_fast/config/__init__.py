@@ -22,6 +22,8 @@ from mergekit_fast.config.validate import (
     MergeConfig,
     SliceSpec,
     SourceSpec,
+    TokenizerSpec,
+    TokenSpec,
     dtype_from_name,
     load_config,
     lookup_method,
@@ -32,7 +34,7 @@ from mergekit_fast.config.validate import (
 
 __all__ = [
     "DTYPE_NAMES", "ConditionalParameter", "ConfigError", "MergeConfig", "MergeConfiguration", "NotSupportedError",
-    "ParameterSetting", "SliceSpec", "SourceSpec", "_parse_setting", "dtype_from_name", "evaluate_setting",
+    "ParameterSetting", "SliceSpec", "SourceSpec", "TokenSpec", "TokenizerSpec", "_parse_setting", "dtype_from_name", "evaluate_setting",
     "load_config", "lookup_method", "normalize_model_path", "parse_config", "read_config_file",
     "resolve_parameter", "resolving_scope",
 ]  # fmt: skip

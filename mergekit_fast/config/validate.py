@@ -20,8 +20,14 @@ Deliberate differences from mergekit (each raises a clear error where mergekit w
 - unknown keys are errors;
 - scalar parameter values are type-checked up front (mergekit only when a tensor needs them);
 - `layer_range` must satisfy 0 <= start < end (mergekit accepts an empty or reversed range);
-- features not implemented yet raise `NotSupportedError`: `modules:`, `tokenizer:`, `chat_template:`,
-  `tokenizer_source: union`, `model+lora` references, `path@revision`, merge methods not registered.
+- `chat_template` is checked here (mergekit: when the tokenizer is saved, after the merge);
+- features not implemented yet raise `NotSupportedError`: `model+lora` references, `path@revision`,
+  merge methods not registered.
+
+`modules:` (mergekit's multi-module syntax) maps module names (``text_decoder``, ``vision_tower``, ...;
+the names of the model's architecture definition, checked when the models are opened) to their own
+`slices:` or `models:` and `parameters:`; a module's parameters sit between its slices' and the top-level
+ones. `models:` merges every module of the model, `slices:` needs a model with a single module.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +88,8 @@ class SliceSpec:
     parameters: Mapping[str, ParameterSetting] | None
     where: str
     from_models: bool = False  # built from a `models:` list (mergekit does not touch num_hidden_layers then)
+    module_parameters: Mapping[str, ParameterSetting] | None = None  # `modules.<name>.parameters`
+    module_where: str | None = None  # `modules.<name>` for a slice of a `modules:` entry
 
     @property
     def models(self) -> list[str]:
@@ -97,15 +105,44 @@ class SliceSpec:
         if model is not None:
             scopes.extend(s.parameters for s in self.sources if s.model == model)
         scopes.append(self.parameters)
+        if self.module_where is not None:
+            scopes.append(self.module_parameters)
         scopes.append(global_params)
         return scopes
 
     def parameter_scope_paths(self, model: str | None) -> list[str]:
         """The key paths of ``parameter_scopes``' entries, for messages."""
         paths = [f"{s.where}.parameters" for s in self.sources if model is not None and s.model == model]
-        paths.append("parameters" if self.from_models else f"{self.where}.parameters")
+        if self.from_models:
+            paths.append(f"{self.module_where}.parameters" if self.module_where else "parameters")
+        else:
+            paths.append(f"{self.where}.parameters")
+        if self.module_where is not None:
+            paths.append(f"{self.module_where}.parameters")
         paths.append("parameters")
         return paths
+
+
+@dataclass(frozen=True)
+class TokenSpec:
+    """Where one token's embedding row comes from (``tokenizer.tokens.<token>``)."""
+
+    kind: str  # "model" (the model's row for that token), "model_token" (a given row), "zero", "none"
+    model: str | None = None  # normalised path
+    token_id: int | None = None
+    token: str | None = None
+    force: bool = False
+    where: str = ""
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    """The output vocabulary: ``tokenizer_source`` or the ``tokenizer:`` block."""
+
+    source: str  # "union", "base" or a normalised model path
+    tokens: Mapping[str, TokenSpec]
+    pad_to_multiple_of: int | None
+    where: str  # "tokenizer_source" or "tokenizer"
 
 
 @dataclass(frozen=True)
@@ -117,11 +154,13 @@ class MergeConfig:
     base_model: str | None
     dtype: str | None
     out_dtype: str | None
-    tokenizer_source: str | None  # None, "base", or a normalised model path
+    tokenizer_source: str | None  # None, "base", "union", or a normalised model path
     parameters: Mapping[str, ParameterSetting] | None
     yaml_text: str
     base_dir: str
     _where: Mapping[str, str]  # model path -> first key path that references it
+    tokenizer: TokenizerSpec | None = None  # the output vocabulary, when the config asks for one
+    chat_template: str | None = None
 
     @property
     def merge_method(self) -> str:
@@ -141,6 +180,12 @@ class MergeConfig:
             if s.base_model:
                 out.append(self._norm(s.base_model))
             out.extend(self._norm(src.model) for src in s.sources)
+        for mod in (self.raw.modules or {}).values():
+            out.extend(self._norm(m.model) for m in mod.models or ())
+            for s in mod.slices or ():
+                if s.base_model:
+                    out.append(self._norm(s.base_model))
+                out.extend(self._norm(src.model) for src in s.sources)
         return list(dict.fromkeys(out))
 
     def donor_model(self) -> str:
@@ -151,7 +196,10 @@ class MergeConfig:
             return self.base_model
         if self.raw.models:
             return self._norm(self.raw.models[0].model)
-        return self._norm(self.raw.slices[0].sources[0].model)
+        if self.raw.slices:
+            return self._norm(self.raw.slices[0].sources[0].model)
+        first = next(iter(self.raw.modules.values()))
+        return self._norm(first.models[0].model if first.models else first.slices[0].sources[0].model)
 
     def slices(self, num_layers: Callable[[str], int] | None = None) -> list[SliceSpec]:
         """The output slices, as mergekit's normalize_config builds them.
@@ -159,27 +207,85 @@ class MergeConfig:
         For a `models:` config every model becomes a source over [0, num_layers(model)), and a base_model
         not listed is appended; `num_layers` is required then.
         """
+        if self.raw.modules is not None:
+            raise TypeError("a `modules:` config has slices per module: use module_slices()")
         if self.raw.models:
             if num_layers is None:
                 raise TypeError("num_layers is required to expand a `models:` config")
-            sources = [
-                SourceSpec(self._norm(m.model), 0, 0, m.parameters, f"models[{i}]")
-                for i, m in enumerate(self.raw.models)
-            ]
-            if self.base_model and self.base_model not in [s.model for s in sources]:
-                sources.append(SourceSpec(self.base_model, 0, 0, None, "base_model"))
-            sources = [SourceSpec(s.model, 0, num_layers(s.model), s.parameters, s.where) for s in sources]
-            return [SliceSpec(tuple(sources), self.base_model, None, "models", from_models=True)]
+            return self._models_slices(self.raw.models, None, lambda m, _: num_layers(m), None, None)
+        return self._slices_of(self.raw.slices, "slices")
+
+    def module_slices(
+        self, modules: list[str], num_layers: Callable[[str, str], int], *, what: str = "the model"
+    ) -> dict[str, list[SliceSpec]]:
+        """The output slices of every module mergekit plans (its normalize_config), by module name.
+
+        ``modules``: the architecture's module names, in order; ``num_layers(model, module)``: a model's
+        layer count in a module. `models:` gives every module one slice over all its layers; `slices:`
+        needs a single module; `modules:` plans the modules it names, in its order.
+        """
+        if self.raw.modules is None:
+            if self.raw.slices and len(modules) != 1:
+                raise ConfigError(
+                    f"slices: {what} has several modules ({', '.join(modules)}); slices: applies to a model "
+                    "with a single module; use modules: with slices per module (or models:)"
+                )
+            if self.raw.slices:
+                return {modules[0]: self.slices()}
+            return {mod: self._models_slices(self.raw.models, mod, num_layers, None, None) for mod in modules}
+        out: dict[str, list[SliceSpec]] = {}
+        for name, mod in self.raw.modules.items():
+            key = f"modules.{name}"
+            if name not in modules:
+                raise ConfigError(
+                    f"{key}: {what} has no module {name!r}; its modules are: {', '.join(modules)}"
+                )
+            if mod.models:
+                out[name] = self._models_slices(mod.models, name, num_layers, mod.parameters, key)
+            else:
+                out[name] = [
+                    replace(s, module_parameters=mod.parameters, module_where=key)
+                    for s in self._slices_of(mod.slices, f"{key}.slices")
+                ]
+        return out
+
+    def _models_slices(self, models, module, num_layers, module_params, module_where) -> list[SliceSpec]:
+        prefix = f"{module_where}.models" if module_where else "models"
+        sources = [
+            SourceSpec(self._norm(m.model), 0, 0, m.parameters, f"{prefix}[{i}]")
+            for i, m in enumerate(models)
+        ]
+        if self.base_model and self.base_model not in [s.model for s in sources]:
+            sources.append(SourceSpec(self.base_model, 0, 0, None, "base_model"))
+        sources = [
+            SourceSpec(s.model, 0, num_layers(s.model, module), s.parameters, s.where) for s in sources
+        ]
+        return [SliceSpec(tuple(sources), self.base_model, None, prefix, from_models=True,
+                          module_parameters=module_params, module_where=module_where)]  # fmt: skip
+
+    def _slices_of(self, slices, prefix: str) -> list[SliceSpec]:
         out = []
-        for i, s in enumerate(self.raw.slices):
+        for i, s in enumerate(slices):
             srcs = tuple(
                 SourceSpec(
-                    self._norm(src.model), *src.layer_range, src.parameters, f"slices[{i}].sources[{j}]"
+                    self._norm(src.model), *src.layer_range, src.parameters, f"{prefix}[{i}].sources[{j}]"
                 )
                 for j, src in enumerate(s.sources)
             )
             base = self._norm(s.base_model) if s.base_model else self.base_model
-            out.append(SliceSpec(srcs, base, s.parameters, f"slices[{i}]"))
+            out.append(SliceSpec(srcs, base, s.parameters, f"{prefix}[{i}]"))
+        return out
+
+    def configured_layer_counts(self, modules: list[str]) -> dict[str, int]:
+        """The layer count mergekit writes into the output config per module (its _model_out_config):
+        the sum of the slices' lengths, for `slices:` and for `modules:` entries given as slices."""
+        if self.raw.slices:
+            n = sum(s.sources[0].layer_range[1] - s.sources[0].layer_range[0] for s in self.raw.slices)
+            return dict.fromkeys(modules, n)
+        out = {}
+        for name, mod in (self.raw.modules or {}).items():
+            if mod.slices:
+                out[name] = sum(s.sources[0].layer_range[1] - s.sources[0].layer_range[0] for s in mod.slices)
         return out
 
     def _norm(self, ref: str) -> str:
@@ -235,24 +341,17 @@ def parse_config(source: str | Mapping, *, base_dir: str | os.PathLike | None = 
 
 
 def _check(raw: MergeConfiguration, text: str, base_dir: str) -> MergeConfig:
-    # Features that parse but are not implemented yet.
-    if raw.modules is not None:
-        raise NotSupportedError(
-            "modules: multi-module merges (modules:) are not supported yet; use models: or slices:"
+    # Exactly one of models / slices / modules (mergekit tests truthiness: an empty one counts as absent).
+    given = [k for k in ("models", "slices", "modules") if getattr(raw, k)]
+    if len(given) != 1:
+        which = " and ".join(given) if given else "none of them"
+        raise ConfigError(
+            f"models/slices/modules: exactly one of 'models', 'slices' or 'modules' must be given; got {which}"
         )
-    if raw.tokenizer is not None:
-        raise NotSupportedError(
-            "tokenizer: the tokenizer: block is not supported yet (tokenizer_source: base or a model path is)"
+    if raw.tokenizer_source and raw.tokenizer:
+        raise ConfigError(
+            "tokenizer: give either tokenizer_source or a tokenizer: block (its source: key), not both"
         )
-    if raw.chat_template is not None:
-        raise NotSupportedError("chat_template: setting a chat template is not supported yet")
-    if raw.tokenizer_source == "union":
-        raise NotSupportedError("tokenizer_source: 'union' (a merged vocabulary) is not supported yet")
-
-    # Exactly one of models / slices (mergekit tests truthiness: an empty list counts as absent).
-    if bool(raw.models) == bool(raw.slices):
-        which = "both" if raw.models else "neither"
-        raise ConfigError(f"models/slices: exactly one of 'models' or 'slices' must be given; got {which}")
 
     method = lookup_method(raw.merge_method)
 
@@ -266,7 +365,7 @@ def _check(raw: MergeConfiguration, text: str, base_dir: str) -> MergeConfig:
     # Model references.
     where: dict[str, str] = {}
 
-    def ref(value: str, key: str) -> str:
+    def ref(value: str, key: str, *, record: bool = True) -> str:
         if "+" in value:
             raise NotSupportedError(f"{key}: {value!r}: LoRA references (model+lora) are not supported yet")
         if "@" in value:
@@ -277,30 +376,30 @@ def _check(raw: MergeConfiguration, text: str, base_dir: str) -> MergeConfig:
                 "download the model and use its local path"
             )
         path = normalize_model_path(value, base_dir)
-        where.setdefault(path, key)
+        if record:
+            where.setdefault(path, key)
         return path
 
     base = ref(raw.base_model, "base_model") if raw.base_model else None
-    tok = raw.tokenizer_source
-    if tok is not None and tok != "base":
-        tok = ref(tok, "tokenizer_source")
 
     # Parameters: names and scalar types, everywhere they appear.
     _check_parameters(raw.parameters, method, "parameters")
-    if raw.models:
-        for i, m in enumerate(raw.models):
-            ref(m.model, f"models[{i}].model")
-            _check_parameters(m.parameters, method, f"models[{i}].parameters", per_model=True)
-    else:
-        for i, s in enumerate(raw.slices):
-            key = f"slices[{i}]"
+
+    def check_models(models, key: str) -> None:
+        for i, m in enumerate(models):
+            ref(m.model, f"{key}[{i}].model")
+            _check_parameters(m.parameters, method, f"{key}[{i}].parameters", per_model=True)
+
+    def check_slices(slices, key: str) -> None:
+        for i, s in enumerate(slices):
+            k_slice = f"{key}[{i}]"
             if not s.sources:
-                raise ConfigError(f"{key}.sources: a slice needs at least one source")
+                raise ConfigError(f"{k_slice}.sources: a slice needs at least one source")
             if s.base_model:
-                ref(s.base_model, f"{key}.base_model")
-            _check_parameters(s.parameters, method, f"{key}.parameters")
+                ref(s.base_model, f"{k_slice}.base_model")
+            _check_parameters(s.parameters, method, f"{k_slice}.parameters")
             for j, src in enumerate(s.sources):
-                k = f"{key}.sources[{j}]"
+                k = f"{k_slice}.sources[{j}]"
                 ref(src.model, f"{k}.model")
                 start, end = src.layer_range
                 if not 0 <= start < end:
@@ -313,8 +412,30 @@ def _check(raw: MergeConfiguration, text: str, base_dir: str) -> MergeConfig:
             if len(set(lengths)) > 1:
                 ranges = ", ".join(f"{list(src.layer_range)}" for src in s.sources)
                 raise ConfigError(
-                    f"{key}.sources: all sources of a slice must have the same number of layers; got {ranges}"
+                    f"{k_slice}.sources: all sources of a slice must have the same number of layers; got {ranges}"
                 )
+
+    if raw.models:
+        check_models(raw.models, "models")
+    elif raw.slices:
+        check_slices(raw.slices, "slices")
+    else:
+        for name, mod in raw.modules.items():
+            key = f"modules.{name}"
+            if bool(mod.models) == bool(mod.slices):
+                which = "both" if mod.models else "neither"
+                raise ConfigError(f"{key}: exactly one of 'models' or 'slices' must be given; got {which}")
+            _check_parameters(mod.parameters, method, f"{key}.parameters")
+            if mod.models:
+                check_models(mod.models, f"{key}.models")
+            else:
+                check_slices(mod.slices, f"{key}.slices")
+
+    tok = raw.tokenizer_source
+    if tok is not None and tok not in ("base", "union"):
+        tok = ref(tok, "tokenizer_source", record=False)
+    tokenizer = _tokenizer_spec(raw, tok, lambda v, k: ref(v, k, record=False))
+    chat_template = _check_chat_template(raw.chat_template)
 
     cfg = MergeConfig(
         raw=raw,
@@ -327,15 +448,63 @@ def _check(raw: MergeConfiguration, text: str, base_dir: str) -> MergeConfig:
         yaml_text=text,
         base_dir=base_dir,
         _where=where,
+        tokenizer=tokenizer,
+        chat_template=chat_template,
     )
 
     # The method's input contract, per slice (mergekit checks it in normalize_config, before any tensor).
     # The model list of a `models:` slice does not depend on layer counts, so it is checked here too.
-    slices = cfg.slices(num_layers=lambda m: 1) if raw.models else cfg.slices()
+    if raw.modules is not None:
+        slices = [s for ss in cfg.module_slices(list(raw.modules), lambda m, mod: 1).values() for s in ss]
+    else:
+        slices = cfg.slices(num_layers=lambda m: 1) if raw.models else cfg.slices()
     for s in slices:
         method.check_inputs(s.models, s.base_model, s.where)
         _check_required(method, s, raw.parameters)
     return cfg
+
+
+def _tokenizer_spec(raw: MergeConfiguration, tokenizer_source: str | None, ref) -> TokenizerSpec | None:
+    """The output vocabulary the config asks for (tokenizer_source, or the tokenizer: block), normalised."""
+    if raw.tokenizer is None:
+        if tokenizer_source is None:
+            return None
+        return TokenizerSpec(tokenizer_source, {}, None, "tokenizer_source")
+    block = raw.tokenizer
+    source = block.source if block.source in ("union", "base") else ref(block.source, "tokenizer.source")
+    tokens = {}
+    for tok, cfg in (block.tokens or {}).items():
+        key = f"tokenizer.tokens.{tok}"
+        src = cfg.source
+        if src is None:
+            spec = TokenSpec("none", force=cfg.force, where=key)
+        elif isinstance(src, str):
+            spec = TokenSpec("model", ref(src, f"{key}.source"), force=cfg.force, where=key)
+        elif src.kind == "zero":
+            spec = TokenSpec("zero", force=cfg.force, where=key)
+        else:
+            spec = TokenSpec("model_token", ref(src.model, f"{key}.source.model"), token_id=src.token_id,
+                             token=src.token, force=cfg.force, where=key)  # fmt: skip
+        tokens[tok] = spec
+    return TokenizerSpec(source, tokens, block.pad_to_multiple_of, "tokenizer")
+
+
+def _check_chat_template(value: str | None) -> str | None:
+    """mergekit's accepted chat_template values: "auto", the name of one of its templates, or a Jinja
+    template (20 characters or more, with a ``{``). Anything else fails here, not after the merge."""
+    if value is None or value == "" or value == "auto":
+        return value or None
+    from mergekit_fast.architectures import chat_templates
+
+    named = len(value) < 256 and "\n" not in value and "{" not in value
+    if named and value in chat_templates():
+        return value
+    if len(value) < 20 or "{" not in value:
+        raise ConfigError(
+            f"chat_template: {show(value)} is neither 'auto', one of mergekit's templates "
+            f"({', '.join(sorted(chat_templates()))}) nor a Jinja template"
+        )
+    return value
 
 
 def _check_required(method, s: SliceSpec, global_params) -> None:

@@ -144,6 +144,8 @@ def _runs_natively(t, plan: MergePlan, writers: dict[str, ShardWriter]) -> bool:
     method = methods.get(t.method)
     if method.native_cpu is None or not method.native_ok(t):
         return False
+    if any(r.rows is not None for r in t.inputs):
+        return False  # re-indexed rows (a vocabulary) are gathered by the torch path
     if t.in_dtype.native is None or t.out_dtype != t.in_dtype or not writers[t.name].mappable:
         return False
     for r in t.inputs:
@@ -154,9 +156,14 @@ def _runs_natively(t, plan: MergePlan, writers: dict[str, ShardWriter]) -> bool:
     return True
 
 
+def _gathers(plan: MergePlan) -> bool:
+    """Whether some input has re-indexed vocabulary rows (gathered into staged buffers)."""
+    return any(r.rows is not None for t in plan.tensors for r in t.inputs)
+
+
 def _warn_small_budget(plan: MergePlan, opt: MergeOptions, cuda: bool) -> None:
     """Say what a --max-memory below one tensor's needs really uses (that tensor runs alone)."""
-    budget = opt.max_memory // 2 if cuda else opt.max_memory
+    budget = opt.max_memory // 2 if cuda or _gathers(plan) else opt.max_memory
     big = max(plan.tensors, key=lambda t: math.prod(t.shape) * max(t.in_dtype.itemsize, t.out_dtype.itemsize),
               default=None)  # fmt: skip
     if big is None:
@@ -179,6 +186,7 @@ def input_dirs(plan: MergePlan) -> list[str]:
     dirs = [str(src.path) for src in plan.sources.values() if getattr(src, "path", None) is not None]
     if plan.tokenizer_source is not None:  # tokenizer_source: a model that lends only its tokenizer
         dirs.append(str(plan.tokenizer_source))
+    dirs.extend(str(d) for d in getattr(plan, "extra_inputs", ()))
     return dirs
 
 
@@ -187,13 +195,16 @@ def _execute(
 ) -> RunState:
     """Run every job of the plan through the pipeline; returns the run's counters and flags."""
     cuda = device != "cpu"
-    budget = opt.max_memory // 2 if cuda else opt.max_memory
+    # Inputs staged in buffers: always on CUDA, on the CPU only re-indexed (gathered) vocabulary rows.
+    # Staged inputs and outputs each get half of the budget then.
+    gathers = _gathers(plan)
+    budget = opt.max_memory // 2 if cuda or gathers else opt.max_memory
     threads = opt.threads or (
         len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     )
-    run = RunState(plan=plan, writers=writers, out_pool=BufferPool(budget, pin=cuda),
-                   in_pool=BufferPool(budget, pin=True) if cuda else None, backend=opt.backend, threads=threads,
-                   seed=opt.random_seed, progress=progress)  # fmt: skip
+    in_pool = BufferPool(budget, pin=True) if cuda else BufferPool(budget) if gathers else None
+    run = RunState(plan=plan, writers=writers, out_pool=BufferPool(budget, pin=cuda), in_pool=in_pool,
+                   backend=opt.backend, threads=threads, seed=opt.random_seed, progress=progress)  # fmt: skip
     jobs = make_jobs(plan)
     copy = Copy(run)
     if cuda:

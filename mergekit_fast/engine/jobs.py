@@ -49,6 +49,8 @@ def is_raw_copy(t: OutputTensor, sources) -> bool:
     """The method copies the inputs' bytes and no dtype changes: the engine copies file to file."""
     if not t.inputs or not methods.get(t.method).copies_bytes(params(t)):
         return False
+    if any(r.rows is not None for r in t.inputs):
+        return False  # re-indexed rows (a vocabulary) are gathered, not copied
     return all(sources[r.model].tensors[r.tensor].dtype == t.in_dtype == t.out_dtype for r in t.inputs)
 
 

@@ -51,8 +51,12 @@ TOKENIZER_FILES = (
     "generation_config.json",
     "chat_template.json",
 )
+# Files mergekit copies from the donor for some architectures (their definitions' tagalong_files).
+TAGALONG_FILES = ("preprocessor_config.json", "processor_config.json", "normalizer.json",
+                  "video_preprocessor_config.json")  # fmt: skip
 OUTPUT_FILES = frozenset(
     {
+        *TAGALONG_FILES,
         "config.json",
         "model.safetensors",
         "model.safetensors.index.json",
@@ -252,8 +256,8 @@ def model_card(plan) -> str:
 def check_tokenizer_files(plan, copy_tokenizer: bool) -> None:
     """Every tokenizer file the output will copy can be read: a broken symlink or a file without read
     permission is an error now, before any work, never a silently missing tokenizer."""
-    if not copy_tokenizer or plan.tokenizer_source is None:
-        return
+    if not copy_tokenizer or plan.tokenizer_source is None or getattr(plan, "tokenizer", None) is not None:
+        return  # (a tokenizer the plan builds is loaded by transformers, which reports its own errors)
     src = Path(plan.tokenizer_source)
     for name in TOKENIZER_FILES:
         path = src / name
@@ -279,7 +283,8 @@ def finalize_files(
     copy_tokenizer: bool,
 ) -> None:
     """Everything but the weights: the shard index, config.json, the model card and merge config, the
-    tokenizer files."""
+    tokenizer files (copied, or the plan's own tokenizer: a merged vocabulary, a chat template) and the
+    architecture's tagalong files (a vision model's preprocessor_config.json)."""
     if len(shard_files) > 1:
         index = {"metadata": {"total_size": total, "mergekit_version": "0.1.5"}, "weight_map": weight_map}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
@@ -288,7 +293,13 @@ def finalize_files(
         # A plan may bring its own card and config file name (the MoE builder: mergekit_moe_config.yml).
         (tmp / "README.md").write_text(getattr(plan, "model_card", None) or model_card(plan))
         (tmp / getattr(plan, "config_file_name", "mergekit_config.yml")).write_text(plan.config_yaml)
-    if copy_tokenizer and plan.tokenizer_source is not None:
+    tokenizer = getattr(plan, "tokenizer", None)
+    if tokenizer is not None:
+        try:
+            tokenizer.write(tmp, copy_tokenizer)
+        except Exception as exc:  # noqa: BLE001 - transformers' many ways to fail
+            raise MergeError(f"cannot write the tokenizer: {type(exc).__name__}: {exc}") from None
+    elif copy_tokenizer and plan.tokenizer_source is not None:
         src = Path(plan.tokenizer_source)
         for name in TOKENIZER_FILES:
             if os.path.lexists(src / name):
@@ -298,3 +309,8 @@ def finalize_files(
                     raise MergeError(
                         f"{src / name}: cannot copy the tokenizer file ({exc.strerror})"
                     ) from None
+    for path in getattr(plan, "tagalong", ()):
+        try:
+            shutil.copyfile(path, tmp / Path(path).name)
+        except OSError as exc:
+            raise MergeError(f"{path}: cannot copy it to the output ({exc.strerror})") from None

@@ -18,6 +18,11 @@ Strategies:
   CudaPinned  inputs staged through pinned buffers and copied to the GPU on a copy stream; compute on
               the device; the result copied back into pinned buffers on the compute stream.
 
+An input with re-indexed rows (``InputRef.rows``: a vocabulary tensor in the output vocabulary) is
+gathered by the loader from the mapped input (and, for filled rows, the other models' mapped inputs)
+into a pooled buffer of the output's shape: on the CPU into the staged-input pool, on CUDA straight
+into the pinned staging buffer that is then copied to the device. The native path never sees one.
+
 Memory: every strategy accounts what it holds in the run's buffer pools (``--max-memory``).
 """
 
@@ -44,7 +49,7 @@ class RunState:
     plan: MergePlan
     writers: dict[str, ShardWriter]  # output tensor name -> its shard
     out_pool: BufferPool
-    in_pool: BufferPool | None  # CUDA staging only
+    in_pool: BufferPool | None  # staged inputs: CUDA, and re-indexed vocabulary rows on the CPU
     backend: str
     threads: int
     seed: int | None
@@ -77,6 +82,29 @@ class RunState:
         for t in job.tensors:
             for ref in t.inputs:
                 self.reader(ref).release(ref.tensor)
+                for other in ref.rows.sources if ref.rows is not None else ():
+                    self.reader(other).release(other.tensor)
+
+    def input_shape(self, ref) -> tuple[int, ...]:
+        """The shape the method sees: the stored one, or the re-indexed one."""
+        shape = tuple(self.info(ref).shape)
+        return shape if ref.rows is None else ref.rows.out_shape(shape)
+
+    def gather_into(self, ref, dtype, out=None):
+        """The re-indexed input ``ref`` in ``dtype`` (written into ``out`` when given), from the mapped
+        inputs (mergekit_fast.vocabulary.gather)."""
+        from mergekit_fast.vocabulary import gather
+
+        seen: set = set()
+
+        def view(r):
+            if (r.model, r.tensor) not in seen:  # each input read counted once
+                seen.add((r.model, r.tensor))
+                self.count_read(self.info(r).nbytes)
+            x = self.reader(r).view(r.tensor)
+            return x if x.device.type == "cpu" else x.cpu()  # an in-memory input on another device
+
+        return gather(ref.rows, view(ref), view, getattr(dtype, "torch", dtype), out)
 
     @property
     def nonfinite(self) -> list[str]:
@@ -118,9 +146,10 @@ class Strategy:
             return  # such methods check their inputs' shapes when they are planned
         for ref in t.inputs:
             info = self.run.info(ref)
-            if tuple(info.shape) != tuple(t.shape):
+            shape = self.run.input_shape(ref)
+            if shape != tuple(t.shape):
                 raise MergeError(
-                    f"{info.file}: tensor {ref.tensor!r} has shape {tuple(info.shape)}, expected {tuple(t.shape)}"
+                    f"{info.file}: tensor {ref.tensor!r} has shape {shape}, expected {tuple(t.shape)}"
                 )
 
 
@@ -223,10 +252,15 @@ class CpuMapped(_TorchCompute):
     """torch views of the mapped inputs; outputs in pooled buffers; pwrite."""
 
     def load(self, job: Job) -> None:
+        gathered = []
         for t in job.tensors:
             self.check_shapes(t)
             ins = []
             for ref in t.inputs:
+                if ref.rows is not None:
+                    gathered.append((len(job.inputs), len(ins), ref, t.in_dtype))
+                    ins.append(None)
+                    continue
                 reader = self.run.reader(ref)
                 view = reader.view(ref.tensor)
                 if view.device.type != "cpu":  # an in-memory input on another device
@@ -235,6 +269,12 @@ class CpuMapped(_TorchCompute):
                 self.run.count_read(self.run.info(ref).nbytes)
                 reader.prefault(ref.tensor)
             job.inputs.append(ins)
+        if gathered:
+            specs = [(dt, self.run.input_shape(ref)) for _, _, ref, dt in gathered]
+            buf, outs = carve(self.run.in_pool, specs)
+            job.staged.append(buf)
+            for (i, k, ref, dt), out in zip(gathered, outs):
+                job.inputs[i][k] = self.run.gather_into(ref, dt, out)
 
     def compute(self, job: Job) -> None:
         run = self.run
@@ -268,30 +308,38 @@ class CudaPinned(_TorchCompute):
     def load(self, job: Job) -> None:
         import torch
 
-        views = []
+        specs = []
         for t in job.tensors:
             self.check_shapes(t)
             ins = []
             for ref in t.inputs:
+                if ref.rows is not None:  # gathered on the host, straight into the pinned buffer
+                    ins.append(ref)
+                    specs.append((t.in_dtype, self.run.input_shape(ref)))
+                    continue
                 view = self.run.reader(ref).view(ref.tensor)
                 self.run.count_read(self.run.info(ref).nbytes)
                 ins.append(view)
                 if view.device.type == "cpu":
-                    views.append(view)
+                    specs.append((view.dtype, tuple(view.shape)))
             job.inputs.append(ins)
         # Stage every host input of the job through one pinned buffer, then copy to the device (an
         # in-memory input already on the GPU is used as it is).
-        buf, staged = carve(self.run.in_pool, [(v.dtype, tuple(v.shape)) for v in views])
+        buf, staged = carve(self.run.in_pool, specs)
         job.staged.append(buf)
         it = iter(staged)
         with torch.cuda.stream(self.copy_stream):
-            for ins in job.inputs:
+            for t, ins in zip(job.tensors, job.inputs):
                 for i, view in enumerate(ins):
-                    if view.device.type != "cpu":
+                    if not isinstance(view, torch.Tensor):  # an InputRef with rows: gather it here
+                        host = next(it)
+                        self.run.gather_into(view, t.in_dtype, host)
+                    elif view.device.type != "cpu":
                         ins[i] = view.to(self.device, non_blocking=True)
                         continue
-                    host = next(it)
-                    host.copy_(view)
+                    else:
+                        host = next(it)
+                        host.copy_(view)
                     ins[i] = host.to(self.device, non_blocking=True)
         self.run.release_inputs(job)
         job.event = torch.cuda.Event()
@@ -335,4 +383,6 @@ class ReadAhead:
                 for ref in t.inputs:
                     with contextlib.suppress(OSError):
                         total += self.run.reader(ref).willneed(ref.tensor)
+                        for other in ref.rows.sources if ref.rows is not None else ():
+                            total += self.run.reader(other).willneed(other.tensor)
             self.next += 1

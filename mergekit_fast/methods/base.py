@@ -158,6 +158,9 @@ class Contract:
 class InputRef:
     model: str  # key into MergePlan.sources (the model path string as in the config, normalised)
     tensor: str  # tensor name inside that model
+    # The input's rows re-indexed to the output vocabulary (mergekit_fast.vocabulary.RowMap), applied by
+    # the engine while it loads the input; None: the tensor as stored. Methods pass it through unchanged.
+    rows: Any = None
 
 
 @dataclass
