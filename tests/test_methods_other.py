@@ -26,6 +26,8 @@ from helpers import read_model, run_mergekit, run_ours
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from mergekit_fast import methods
+from mergekit_fast.config import ConfigError
 from mergekit_fast.ops._verify import ulp
 
 pytestmark = pytest.mark.mergekit
@@ -161,3 +163,249 @@ def test_matches_mergekit(m, tmp_path, case):
     theirs = run_mergekit(cfg, tmp_path / "theirs")
     inputs = [p for p, _ in entries] + ([m[base]] if base else [])
     assert_parity(ours, theirs, inputs)
+
+
+# ----------------------------------------------------------------------------- optional-tensor policies
+# Granite's definition marks its attention and MLP biases optional: models without them are the
+# "optional tensor missing from some inputs" case of mergekit's task_adapter.
+
+
+@pytest.fixture(scope="module")
+def g(tmp_path_factory):
+    import transformers
+
+    root = tmp_path_factory.mktemp("granite")
+    cfg = transformers.GraniteConfig(
+        num_hidden_layers=2, hidden_size=32, intermediate_size=64, vocab_size=128, num_attention_heads=4,
+        num_key_value_heads=2, attention_bias=True, mlp_bias=True, max_position_embeddings=256,
+    )  # fmt: skip
+    torch.manual_seed(21)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(root / "a")
+    out = {"a": root / "a"}
+    no_bias = lambda name: name.endswith(".bias")  # noqa: E731
+    out["a_nb"] = fine_tune(out["a"], root / "a_nb", seed=30, density=0.0, drop=no_bias)
+    for i, name in enumerate("bcd"):
+        out[name] = fine_tune(out["a"], root / name, seed=31 + i, density=0.5)
+        out[name + "_nb"] = fine_tune(out["a"], root / (name + "_nb"), seed=31 + i, density=0.5, drop=no_bias)
+    return out
+
+
+BIAS = "model.layers.0.self_attn.q_proj.bias"
+
+# (id, method, base, [(model, per-model params)], shared params, what the bias becomes:
+#  a model key (copied from it), "merged" (merged from the models that have it), None (not written))
+POLICY_CASES = [
+    ("nuslerp-singleton", "nuslerp", None, [("b", {"weight": 0.4}), ("c_nb", {"weight": 0.6})], None, "b"),
+    ("arcee_fusion-singleton-other", "arcee_fusion", "a_nb", [("b", None)], None, "b"),
+    ("arcee_fusion-singleton-base", "arcee_fusion", "a", [("c_nb", None)], None, "a"),
+    ("nearswap-base-singleton", "nearswap", "a", [("b_nb", None)], {"t": 0.01}, "a"),
+    ("model_stock-base-only", "model_stock", "a", [("b_nb", None), ("c_nb", None)], None, "a"),
+    ("model_stock-skip-one-other", "model_stock", "a_nb", [("b", None), ("c_nb", None)], None, None),
+    ("model_stock-skip-two-of-three", "model_stock", "a", [("b", None), ("c_nb", None)], None, None),
+    ("model_stock-three-of-four", "model_stock", "a", [("b", None), ("c", None), ("d_nb", None)], None,
+     "merged"),
+    ("ram-error-policy-merges-present", "ram", "a", [("b", None), ("c_nb", None)], None, "merged"),
+    ("multislerp-error-policy-one-left", "multislerp", None, [("b", {"weight": 1}), ("c_nb", {"weight": 2})],
+     None, "b"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", POLICY_CASES, ids=[c[0] for c in POLICY_CASES])
+def test_optional_tensor_policy_matches_mergekit(g, tmp_path, case):
+    _, method, base, entries, params, expect = case
+    entries = [(g[k], p) for k, p in entries]
+    cfg = models_config(method, entries, base=g[base] if base else None, params=params)
+    ours = run_ours(cfg, tmp_path / "ours", "--verify", "all")
+    theirs = run_mergekit(cfg, tmp_path / "theirs")
+    assert_parity(ours, theirs, [p for p, _ in entries] + ([g[base]] if base else []))
+    out = read_model(ours)
+    if expect is None:
+        assert BIAS not in out
+    elif expect == "merged":
+        assert BIAS in out and all(not torch.equal(out[BIAS], read_model(p)[BIAS]) for p in (g["a"], g["b"]))
+    else:
+        assert torch.equal(out[BIAS], read_model(g[expect])[BIAS])
+
+
+@pytest.mark.parametrize(
+    "method, base, entries, params",
+    [
+        ("nearswap", "a_nb", ["b"], {"t": 0.01}),  # only the other model has it: the base is required
+        ("ram", "a_nb", ["b", "c"], None),
+        ("sce", "a_nb", ["b", "c"], None),
+    ],
+)
+def test_optional_tensor_without_the_required_base_fails_in_both(g, tmp_path, method, base, entries, params):
+    from mergekit_fast.config import parse_config
+    from mergekit_fast.plan import build_plan
+
+    cfg = models_config(method, [(g[k], None) for k in entries], base=g[base], params=params)
+    with pytest.raises(
+        ConfigError, match=r"output tensor model\.layers\.0\..*bias: base_model .* is not one of"
+    ):
+        build_plan(parse_config(cfg))
+    with pytest.raises(Exception, match="Base input is not present"):
+        run_mergekit(cfg, tmp_path / "theirs")
+
+
+# ----------------------------------------------------------------------------- what mergekit rejects
+
+REJECTED = [
+    ("model_stock", ["b"], "a", None, r"^models: merge_method model_stock needs at least 3 input model\(s\)", "requires at least 3 inputs"),
+    ("nearswap", ["b"], "a", None, r"^parameters\.t: Missing required parameter t", "Missing required parameter t"),
+    ("nearswap", ["b", "c"], "a", {"t": 0.1}, r"^models: merge_method nearswap needs exactly 2 input model", "requires exactly 2 inputs"),
+    ("arcee_fusion", ["b", "c"], "a", None, r"^models: merge_method arcee_fusion needs exactly 2 input", "requires exactly 2 inputs"),
+    ("nuslerp", ["b", "c", "d"], None, None, r"^models: merge_method nuslerp needs exactly 2 model\(s\) besides", "requires exactly 2 non-base inputs"),
+    ("nuslerp", ["b"], "a", None, r"^models: merge_method nuslerp needs exactly 2 model\(s\) besides the base", "requires at least 2 non-base inputs"),
+    ("multislerp", [], "a", None, r"^models: merge_method multislerp needs at least 1 model\(s\) besides", "requires at least 1 non-base inputs"),
+    ("karcher", ["a", "b"], None, {"max_iter": 2.5}, r"^parameters\.max_iter: 2\.5 is not a valid value", "valid integer"),
+    ("sce", ["b", "c"], None, None, r"^models: merge_method sce needs a base_model", "requires a base input"),
+    ("model_stock", ["b", "c", "d"], None, None, r"^models: merge_method model_stock needs a base_model", "requires a base input"),
+    ("nearswap", ["a", "b"], None, {"t": 0.1}, r"^models: merge_method nearswap needs a base_model", "requires a base input"),
+    ("arcee_fusion", ["a", "b"], None, None, r"^models: merge_method arcee_fusion needs a base_model", "requires a base input"),
+    ("ram", ["b", "c"], None, None, r"^models: merge_method ram needs a base_model", "requires a base input"),
+    ("ramplus_tl", ["b", "c"], None, None, r"^models: merge_method ramplus_tl needs a base_model", "requires a base input"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("method, models, base, params, message, theirs", REJECTED,
+                         ids=[f"{r[0]}-{i}" for i, r in enumerate(REJECTED)])  # fmt: skip
+def test_rejected_in_the_config_as_in_mergekit(m, tmp_path, method, models, base, params, message, theirs):
+    """Our message (ConfigError, before any model is opened) names the key path; mergekit's error is
+    the same rejection, raised while it plans."""
+    from mergekit_fast.config import parse_config
+
+    weights = {"weight": 0.5} if methods.get(method).param("weight") else None
+    cfg = models_config(
+        method, [(m[k], weights) for k in models], base=m[base] if base else None, params=params
+    )
+    if not models:  # a config with only a base
+        cfg = cfg.replace("models:\n", f"models:\n  - model: {m[base]}\n")
+    with pytest.raises(ConfigError, match=message):
+        parse_config(cfg)
+    with pytest.raises(Exception, match=theirs):  # ValueError, RuntimeError or pydantic's ValidationError
+        run_mergekit(cfg, tmp_path / "theirs")
+
+
+ACCEPTED = [
+    ("sce-topk-above-1", "sce", "a", [("b", None), ("c", None)], {"select_topk": 1.5}, "bfloat16"),
+    ("sce-topk-negative", "sce", "a", [("b", None), ("c", None)], {"select_topk": -0.1}, "bfloat16"),
+    ("sce-base-only-slice", "sce", "a", [], None, "bfloat16"),
+    ("multislerp-negative-weight", "multislerp", None, [("ra", {"weight": -0.3}), ("rb", {"weight": 1.0})],
+     None, "bfloat16"),
+    ("nuslerp-weights-cancel", "nuslerp", None, [("ra", {"weight": 1.0}), ("rb", {"weight": -1.0})], None,
+     "bfloat16"),
+    ("karcher-no-iterations", "karcher", None, [("ra", None), ("rb", None)], {"max_iter": 0}, "bfloat16"),
+    ("karcher-one-model", "karcher", None, [("ra", None)], None, "bfloat16"),
+    ("ramplus_tl-negative-r", "ramplus_tl", "a", [("b", None), ("c", None)], {"r": -1.0, "alpha": 2},
+     "bfloat16"),
+    ("arcee_fusion-out-dtype", "arcee_fusion", "a", [("b", None)], None, "bfloat16"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", ACCEPTED, ids=[c[0] for c in ACCEPTED])
+def test_accepted_as_in_mergekit(m, tmp_path, case):
+    name, method, base, entries, params, dtype = case
+    entries = [(m[k], p) for k, p in entries]
+    extra = "out_dtype: bfloat16\n" if name.endswith("out-dtype") else ""
+    cfg = models_config(
+        method, entries, base=m[base] if base else None, params=params, dtype=dtype, extra=extra
+    )
+    if not entries:
+        cfg = cfg.replace("models:\n", f"models:\n  - model: {m[base]}\n")
+    ours = run_ours(cfg, tmp_path / "ours", "--verify", "all")
+    theirs = run_mergekit(cfg, tmp_path / "theirs")
+    assert_parity(ours, theirs, [p for p, _ in entries] + ([m[base]] if base else []))
+    if extra:
+        assert {t.dtype for t in read_model(ours).values()} == {torch.bfloat16}
+
+
+# ----------------------------------------------------------------------------- arcee_fusion's random sample
+
+BIG = ("model.embed_tokens.weight", "lm_head.weight")  # 8192 x 128 = 1,048,576 elements: sampled
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory):
+    """A base and a fine-tune whose embeddings and lm_head exceed arcee_fusion's 1M-element sample."""
+    root = tmp_path_factory.mktemp("arcee_big")
+    kw = dict(num_layers=1, hidden_size=128, intermediate_size=256, vocab_size=8192)
+    a = make_model(root / "a", seed=41, **kw)
+    return a, fine_tune(a, root / "b", seed=42, density=0.5)
+
+
+def _fusion_parts(base: torch.Tensor, other: torch.Tensor):
+    """(importance scores, value where kept, value where dropped), as mergekit computes them (fp32)."""
+    from mergekit_fast.methods.arcee_fusion import importance
+
+    return importance(base, other), base + (other - base).float(), base.float()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_arcee_fusion_sampled_threshold_within_sampling_error(big, tmp_path, dtype):
+    a, b = big
+    cfg = models_config("arcee_fusion", [(b, None)], base=a, dtype=dtype)
+    ours = read_model(run_ours(cfg, tmp_path / "ours", "--random-seed", "7", "--verify", "all", "-j", "1"))
+    theirs = read_model(run_mergekit(cfg, tmp_path / "theirs"))
+    small = sorted(set(ours) - set(BIG))
+    assert small and all(torch.equal(ours[k], theirs[k]) for k in small)  # nothing drawn: exact
+    cast = getattr(torch, dtype)
+    ma, mb = ({k: v.to(cast) for k, v in read_model(p).items()} for p in (a, b))
+    for name in BIG:
+        scores, kept, dropped = _fusion_parts(ma[name], mb[name])
+        s = scores.reshape(-1).double()
+        n = s.numel()
+        assert n > 1_000_000
+        fractions = []
+        for out in (ours[name], theirs[name]):
+            # Everything but the threshold is exact: each element is the kept or the dropped value, and
+            # the kept ones are exactly those whose score is at or above one threshold.
+            keep = (out == kept) & (kept != dropped)
+            assert bool(((out == kept) | (out == dropped)).all()), name
+            moved = (kept != dropped).reshape(-1)
+            k = keep.reshape(-1)
+            assert float(s[k].min()) >= float(s[moved & ~k].max()), name
+            fractions.append(float((s >= float(s[k].min())).double().mean()))
+        # Sampling error: a sample quantile of 1M draws with replacement sits at a population rank within
+        # delta = 5 sqrt(p (1 - p) / 1M) of p (5 sigma of the binomial); the bf16 arithmetic of
+        # median + 1.5 IQR adds a relative 2^-6 at most. The threshold lies between the thresholds so
+        # bounded, and the kept fraction of both tools between the fractions those keep.
+        srt = s.sort().values
+        delta = 5 * (0.25 * 0.75 / 1e6) ** 0.5
+
+        def q(p, srt=srt, n=n):
+            return float(srt[min(n - 1, max(0, int(p * (n - 1))))])
+
+        lo = (q(0.5 - delta) + 1.5 * (q(0.75 - delta) - q(0.25 + delta))) * (1 - 2**-6)
+        hi = (q(0.5 + delta) + 1.5 * (q(0.75 + delta) - q(0.25 - delta))) * (1 + 2**-6)
+        f_hi, f_lo = float((s >= lo).double().mean()), float((s >= hi).double().mean())
+        for f in fractions:
+            assert f_lo <= f <= f_hi, (name, f_lo, fractions, f_hi)
+        assert 0.01 < fractions[0] < 0.5  # a real selection, not all or nothing
+
+
+def _bytes(path: Path) -> bytes:
+    return (path / "model.safetensors").read_bytes()
+
+
+def test_arcee_fusion_same_seed_same_bytes(big, tmp_path):
+    """fp32: scores are continuous, so another seed's sample moves the threshold (in bf16 the rounded
+    quantiles mostly land on the same value whatever the sample)."""
+    a, b = big
+    cfg = models_config("arcee_fusion", [(b, None)], base=a, dtype="float32")
+    # both thread counts and both backends, each changed alone (-j 2 is slow on a loaded 2-core machine)
+    runs = [
+        ("-j", "1", "--backend", "torch"),
+        ("-j", "2", "--backend", "torch"),
+        ("-j", "1", "--backend", "auto"),
+    ]
+    outs = [_bytes(run_ours(cfg, tmp_path / f"o{i}", "--random-seed", "123", *r)) for i, r in enumerate(runs)]
+    assert all(o == outs[0] for o in outs[1:])
+    other_seed = read_model(run_ours(cfg, tmp_path / "seed124", "--random-seed", "124", "-j", "1"))
+    first = read_model(tmp_path / "o0")
+    assert not torch.equal(other_seed["lm_head.weight"], first["lm_head.weight"])  # the sample is drawn
+    assert torch.equal(other_seed["model.norm.weight"], first["model.norm.weight"])  # small: nothing drawn
