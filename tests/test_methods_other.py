@@ -409,3 +409,17 @@ def test_arcee_fusion_same_seed_same_bytes(big, tmp_path):
     first = read_model(tmp_path / "o0")
     assert not torch.equal(other_seed["lm_head.weight"], first["lm_head.weight"])  # the sample is drawn
     assert torch.equal(other_seed["model.norm.weight"], first["model.norm.weight"])  # small: nothing drawn
+
+
+@pytest.mark.parametrize(
+    "seed, name, stream, n, high",
+    [(0, "a", 0, 1, 5), (7, "lm_head.weight", 0, 1_000_000, 1_048_577), (2**63 - 1, "x.y", 3, 13, 2**31 - 1),
+     (12345678901, "", 1, 1003, 3)],
+)  # fmt: skip
+def test_numpy_draws_are_rngs(seed, name, stream, n, high):
+    """arcee_fusion draws its CPU sample with _philox_numpy: the same indices as methods/rng.py."""
+    from mergekit_fast.methods import _philox_numpy, rng
+
+    assert torch.equal(
+        _philox_numpy.randint(high, seed, name, stream, n), rng.randint(high, seed, name, stream, n)
+    )

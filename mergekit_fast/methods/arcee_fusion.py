@@ -46,7 +46,7 @@ def threshold(scores, seed: int | None, name: str):
     """median + 1.5 IQR of ``scores`` (0-d tensor in their dtype), sampled above SAMPLE_SIZE elements."""
     import torch
 
-    from mergekit_fast.methods import rng
+    from mergekit_fast.methods import _philox_numpy, rng
 
     flat = scores.reshape(-1)
     if flat.numel() > SAMPLE_SIZE:
@@ -54,7 +54,11 @@ def threshold(scores, seed: int | None, name: str):
             raise ValueError(
                 f"arcee_fusion: tensor {name} has more than {SAMPLE_SIZE} elements and needs a seed"
             )
-        flat = flat[rng.randint(flat.numel(), seed, name, 0, SAMPLE_SIZE, device=flat.device)]
+        if flat.device.type == "cpu":  # the same draws, computed without torch's per-op thread pool
+            idx = _philox_numpy.randint(flat.numel(), seed, name, 0, SAMPLE_SIZE)
+        else:
+            idx = rng.randint(flat.numel(), seed, name, 0, SAMPLE_SIZE, device=flat.device)
+        flat = flat[idx]
     ordered = torch.sort(flat).values
     at = (torch.tensor(_QUANTILES) * (ordered.numel() - 1)).long().to(ordered.device)
     q1, median, q3 = ordered[at]
