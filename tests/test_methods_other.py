@@ -74,6 +74,7 @@ def m(tmp_path_factory):
     models["ra"] = make_model(root / "ra", seed=14, **kw)  # unrelated models (no common base)
     models["rb"] = make_model(root / "rb", seed=15, **kw)
     models["rc"] = make_model(root / "rc", seed=16, **kw)
+    models["ta"] = make_model(root / "ta", seed=17, tie_word_embeddings=True, **kw)  # no lm_head in its files
     return models
 
 
@@ -150,6 +151,9 @@ CASES = [
     ("ramplus_tl-3", "ramplus_tl", "a", [("b", None), ("c", None), ("d", None)], None, "bfloat16"),
     ("ramplus_tl-2-qwen-fp32", "ramplus_tl", "qa", [("qb", None), ("qc", None)],
      {"r": 0.5, "alpha": 0.5, "epsilon": 1e-3}, "float32"),
+    # a tied lm_head missing from the base's files is read from its embedding, in both tools
+    ("nearswap-tied-base", "nearswap", "ta", [("ra", None)], {"t": 0.05}, "bfloat16"),
+    ("arcee_fusion-tied-base", "arcee_fusion", "ta", [("rb", None)], None, "bfloat16"),
     ("ramplus_tl-stored-fp32", "ramplus_tl", "fa", [("fb", None), ("fc", None)], None, None),
 ]  # fmt: skip
 
