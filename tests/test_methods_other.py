@@ -151,6 +151,12 @@ CASES = [
     ("ramplus_tl-3", "ramplus_tl", "a", [("b", None), ("c", None), ("d", None)], None, "bfloat16"),
     ("ramplus_tl-2-qwen-fp32", "ramplus_tl", "qa", [("qb", None), ("qc", None)],
      {"r": 0.5, "alpha": 0.5, "epsilon": 1e-3}, "float32"),
+    # filters: a shared bool by tensor name, per-model weights by input tensor name
+    ("model_stock-filter-by-name", "model_stock", "a", [("b", None), ("c", None)],
+     {"filter_wise": [{"filter": "mlp", "value": True}, {"value": False}]}, "bfloat16"),
+    ("multislerp-weight-filters", "multislerp", "a",
+     [("b", {"weight": [{"filter": "self_attn", "value": 0.9}, {"value": 0.5}]}), ("c", {"weight": 0.5})], None,
+     "bfloat16"),
     # a tied lm_head missing from the base's files is read from its embedding, in both tools
     ("nearswap-tied-base", "nearswap", "ta", [("ra", None)], {"t": 0.05}, "bfloat16"),
     ("arcee_fusion-tied-base", "arcee_fusion", "ta", [("rb", None)], None, "bfloat16"),
