@@ -33,6 +33,85 @@ models:
 merge_method: linear
 dtype: bfloat16
 """,
+    # the other families of issue 13: {a} is the base where the method has one
+    "sce": """\
+models:
+  - model: {b}
+  - model: {c}
+merge_method: sce
+base_model: {a}
+parameters: {{select_topk: 0.1}}
+dtype: bfloat16
+""",
+    "model_stock": """\
+models:
+  - model: {b}
+  - model: {c}
+merge_method: model_stock
+base_model: {a}
+dtype: bfloat16
+""",
+    "nuslerp": """\
+models:
+  - model: {b}
+    parameters: {{weight: 0.5}}
+  - model: {c}
+    parameters: {{weight: 0.5}}
+merge_method: nuslerp
+base_model: {a}
+dtype: bfloat16
+""",
+    "multislerp": """\
+models:
+  - model: {b}
+    parameters: {{weight: 0.6}}
+  - model: {c}
+    parameters: {{weight: 0.4}}
+merge_method: multislerp
+base_model: {a}
+dtype: bfloat16
+""",
+    "karcher": """\
+models:
+  - model: {a}
+  - model: {b}
+  - model: {c}
+merge_method: karcher
+parameters: {{max_iter: 10, tol: 1.0e-5}}
+dtype: bfloat16
+""",
+    "nearswap": """\
+models:
+  - model: {b}
+merge_method: nearswap
+base_model: {a}
+parameters: {{t: 0.0001}}
+dtype: bfloat16
+""",
+    "arcee_fusion": """\
+models:
+  - model: {b}
+merge_method: arcee_fusion
+base_model: {a}
+dtype: bfloat16
+""",
+    "ram": """\
+models:
+  - model: {b}
+  - model: {c}
+merge_method: ram
+base_model: {a}
+dtype: bfloat16
+""",
+    "ramplus_tl": """\
+models:
+  - model: {b}
+  - model: {c}
+merge_method: ramplus_tl
+base_model: {a}
+parameters: {{r: 0.1, alpha: 0.2}}
+dtype: bfloat16
+""",
 }
 
 

@@ -78,6 +78,7 @@ from mergekit_fast.dtypes import DType
 from mergekit_fast.io.model import ModelError, ModelSource
 from mergekit_fast.io.safetensors import TensorInfo
 from mergekit_fast.methods import InputRef, MergeMethod, Scope, TensorGroup
+from mergekit_fast.methods import get as get_method
 
 LOG = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ class OutputTensor:
     name: str  # output tensor name
     shape: tuple[int, ...]
     in_dtype: DType  # inputs are cast to this before the math (config dtype, else promoted)
-    out_dtype: DType  # dtype written (config out_dtype, else in_dtype)
+    out_dtype: DType  # dtype written (config out_dtype, else the method's result_dtype(in_dtype))
     method: str  # the registered merge method that computes it (mergekit_fast.methods.get)
     inputs: tuple[InputRef, ...]  # in the order the method reads them (the base first when has_base)
     params: tuple[tuple[str, object], ...]  # the method's planned parameters (methods/base.py)
@@ -628,7 +629,8 @@ class _Planner:
             name=w_out.name,
             shape=shape,
             in_dtype=in_dtype,
-            out_dtype=self.out_dtype or in_dtype,
+            out_dtype=self.out_dtype
+            or get_method(planned.method).result_dtype(in_dtype, dict(planned.params)),
             method=planned.method,
             inputs=planned.inputs,
             params=planned.params,

@@ -15,6 +15,8 @@ verify work from these declarations alone (they never test a method's name):
   passthrough, or nothing.
 * ``reference``: the torch reference -- the semantics, the oracle of --verify and the tests, the CPU
   fallback -- and ``tolerance``: --verify's limit in ulps per output dtype (0: bit-exact).
+* ``result_dtype``: the dtype of the result for a given input dtype (default: the input dtype; the
+  output dtype when the config sets no out_dtype).
 * ``compute`` (default: the reference) and the traits the engine may use: ``batch_max_numel`` (small
   tensors merged many per launch by ``compute_many``), ``native_cpu`` (runs by address on mapped
   memory, without torch), ``copies_bytes`` (the output is the inputs' bytes), ``same_shape``,
@@ -289,7 +291,7 @@ class MergeMethod:
     # -- math
     def reference(self, inputs: list, params: dict, ctx: Context):
         """The torch reference: the method's semantics, in plain torch. Inputs are in the planned order,
-        already in the plan's in_dtype; the result is in in_dtype."""
+        already in the plan's in_dtype; the result is in ``result_dtype(in_dtype)`` (default in_dtype)."""
         raise NotImplementedError(f"merge method {self.name} has no torch reference")
 
     def compute(self, inputs: list, params: dict, ctx: Context, out=None):
@@ -305,6 +307,13 @@ class MergeMethod:
         """Many output tensors of this method in as few launches as possible. Default: one by one."""
         outs = outs or [None] * len(inputs_list)
         return [self.compute(i, p, c, o) for i, p, c, o in zip(inputs_list, params_list, ctxs, outs)]
+
+    def result_dtype(self, in_dtype, params: dict):
+        """The dtype of the method's result for inputs of ``in_dtype`` (a ``mergekit_fast.dtypes.DType``),
+        which is what the output is written in when the config sets no out_dtype. Default: ``in_dtype``.
+        A method whose mergekit kernel promotes (an fp32 mask times bf16 deltas gives fp32, and mergekit
+        writes that) returns the promoted dtype, and its compute and reference return tensors of it."""
+        return in_dtype
 
     def tolerance_of(self, dtype_name: str, params: dict) -> float:
         """--verify's limit in ulps of the output dtype for one planned tensor (default: ``tolerance``)."""

@@ -1,0 +1,113 @@
+"""karcher: the Riemannian (Karcher) mean of the models on the hypersphere, rescaled (mergekit 0.1.5
+merge_methods/karcher.py; arXiv 2603.04972).
+
+Every input (the base, if any, is just another input) gets the same weight 1/N. Each tensor, as one
+flattened vector, is split into its norm (fp32; fp64 for fp64 inputs) and its direction (in the input
+dtype; a zero tensor has a zero direction). Directions of inputs with norm <= ``tol`` are left out
+(all left out: the result is zero). Starting from the normalised weighted mean direction (the first
+direction when that mean is shorter than ``tol``), up to ``max_iter`` steps of the fixed-point iteration
+move the estimate m along the weighted sum of the log maps theta_i / sin(theta_i) (u_i - cos(theta_i) m)
+(inputs with theta_i < ``tol`` contribute nothing), stopping when that step is shorter than ``tol``,
+and renormalise. The result is (sum_i |x_i| / N) m, in the input dtype.
+
+The iteration is mergekit's, step for step and in the same dtypes (directions, dot products and
+angles in the input dtype; norms in fp32), so on the CPU it takes the same branches and gives the same
+bits: there is no tolerance of our own. Its per-step host reads (``.item()``) decide branches (skip an
+input, stop), which is a synchronisation per step on a GPU, not a difference in the result.
+"""
+
+from __future__ import annotations
+
+from mergekit_fast.methods.base import (
+    BasePolicy,
+    Context,
+    Contract,
+    MergeMethod,
+    Param,
+    Planned,
+    Scope,
+    passthrough_of,
+)
+
+
+def karcher_mean(tensors, alphas, max_iter: int = 10, tol: float = 1e-5):
+    """The weighted Karcher mean of ``tensors`` (weights ``alphas``) times their weighted mean norm."""
+    import torch
+
+    if len(tensors) == 1:
+        return tensors[0]
+    acc = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
+    norms = [torch.linalg.vector_norm(x.to(acc)) for x in tensors]
+    units = [
+        torch.zeros_like(x) if nrm.item() == 0.0 else (x / nrm).to(x.dtype) for x, nrm in zip(tensors, norms)
+    ]
+    keep = [i for i, nrm in enumerate(norms) if nrm.item() > tol]
+    if not keep:
+        return sum(x * 0 for x in tensors)  # every input vanishes: zero (NaN where an input is not finite)
+    kept_sum = sum(alphas[i] for i in keep)
+    weights = [alphas[i] / kept_sum for i in keep]
+    dirs = [units[i] for i in keep]
+
+    mean = torch.zeros_like(dirs[0])
+    for a, u in zip(weights, dirs):
+        mean += a * u
+    length = torch.linalg.vector_norm(mean.to(acc))
+    mean = dirs[0].clone() if length.item() < tol else (mean / length).to(mean.dtype)
+
+    for _ in range(max_iter):
+        step = torch.zeros_like(mean)
+        flat_mean = mean.flatten()
+        for a, u in zip(weights, dirs):
+            cos = torch.clamp(torch.dot(flat_mean, u.flatten()), -1.0, 1.0)
+            theta = torch.arccos(cos)
+            if theta.item() < tol:
+                continue  # already at the estimate: no pull
+            step += a * (theta / torch.sin(theta)) * (u - cos * mean)
+        step_len = torch.linalg.vector_norm(step.to(acc))
+        if step_len.item() < tol:
+            break
+        mean = (torch.cos(step_len) * mean + torch.sin(step_len) * (step / step_len)).to(mean.dtype)
+        length = torch.linalg.vector_norm(mean.to(acc))
+        if length.item() > tol:
+            mean = (mean / length).to(mean.dtype)
+
+    scale = sum(a * nrm for a, nrm in zip(alphas, norms))
+    return scale * mean
+
+
+class Karcher(MergeMethod):
+    name = "karcher"
+    description = "Karcher (Riemannian) mean of the models' directions, times their mean norm"
+    params = (
+        Param("max_iter", int, Scope.SHARED, 10, doc="at most this many fixed-point steps"),
+        Param("tol", float, Scope.SHARED, 1e-5, doc="stop when a step is shorter; skip shorter norms/angles"),
+    )
+    contract = Contract(BasePolicy.IGNORED, 1, None)
+    # CPU: compute is the reference (0 ulp). On another device the input-dtype dot products round
+    # differently each step; after the iterations the direction moves by a few ulps of the input dtype.
+    tolerance = {"bfloat16": 4.0, "float16": 4.0, "float32": 16.0, "float64": 16.0}
+
+    def plan(self, group):
+        planned = super().plan(group)
+        if planned is None or planned.method != self.name:
+            return planned
+        if len(planned.inputs) == 1:
+            return passthrough_of(planned.inputs[0])
+        p = dict(planned.params)
+        return Planned(
+            self.name, planned.inputs, (("max_iter", int(p["max_iter"])), ("tol", float(p["tol"])))
+        )
+
+    def reference(self, inputs, params, ctx: Context):
+        n = len(inputs)
+        out = karcher_mean(list(inputs), [1.0 / n] * n, params.get("max_iter", 10), params.get("tol", 1e-5))
+        return out.clone() if n == 1 else out
+
+    def verify_scale(self, inputs, params):
+        # the result is a unit direction times the mean norm: its elements are of the inputs' size
+        import torch
+
+        return sum(x.to(torch.float64).abs() for x in inputs) / len(inputs)
+
+
+METHOD = Karcher()
