@@ -74,6 +74,7 @@ from mergekit_fast.config import (
     resolve_parameter,
     resolving_scope,
 )
+from mergekit_fast.conversion import ConversionError, Fused, converted_layout, fused_shape
 from mergekit_fast.dtypes import DType
 from mergekit_fast.io.model import ModelError, ModelSource
 from mergekit_fast.io.safetensors import TensorInfo
@@ -132,8 +133,13 @@ class _ModelIndex:
     source: ModelSource
     where: str
     arch: str | None
-    names: list[str]  # tensor names in file order, without dropped buffers
+    files: list[str]  # tensor names in file order, without dropped buffers
     num_layers_cache: dict[str, int] = field(default_factory=dict)
+    # an MoE checkpoint in another layout than transformers 5's (mergekit_fast.conversion): model-layout
+    # name -> file name (renamed tensors), and model-layout name -> its parts (fused expert tensors)
+    renamed: dict[str, str] = field(default_factory=dict)
+    fused: dict[str, Fused] = field(default_factory=dict)
+    fused_infos: dict[str, TensorInfo] = field(default_factory=dict)
 
     @classmethod
     def build(cls, key: str, src: ModelSource, where: str) -> _ModelIndex:
@@ -142,7 +148,37 @@ class _ModelIndex:
             raise ConfigError(f"{where}: model {key}: config.json lists several architectures {archs_}")
         arch = archs_[0] if isinstance(archs_, list) and archs_ else None
         names = [n for n in src.tensors if not n.endswith(_DROPPED_SUFFIX)]
-        return cls(key, src, where, arch, names)
+        ix = cls(key, src, where, arch, names)
+        if _is_moe(arch, src.config):
+            ix._convert()
+        return ix
+
+    def _convert(self) -> None:
+        """mergekit loads an MoE checkpoint through transformers' conversion rules (per-expert tensors
+        stacked into the fused ones its definitions name); so does this index, without copying anything."""
+        try:
+            self.renamed, self.fused = converted_layout(self.model_type, self.files)
+            for name, f in self.fused.items():
+                parts = [self.source.tensors[p] for p in f.parts]
+                dts = {i.dtype for i in parts}
+                if len(dts) > 1:
+                    raise ConversionError(f"{name}: its parts have different dtypes {sorted(map(str, dts))}")
+                shape = fused_shape(f, {i.name: tuple(i.shape) for i in parts})
+                first = parts[0]
+                nbytes = sum(i.nbytes for i in parts)
+                self.fused_infos[name] = TensorInfo(name, first.dtype, shape, first.file, first.start,
+                                                    first.start + nbytes)  # fmt: skip
+        except ConversionError as exc:
+            raise ConfigError(f"{self.where}: model {self.key}: {exc}") from None
+
+    @property
+    def names(self) -> list[str]:
+        """The tensor names in the model layout (fused and renamed tensors under their model-layout names)."""
+        if not self.fused and not self.renamed:
+            return self.files
+        consumed = {p for f in self.fused.values() for p in f.parts} | set(self.renamed.values())
+        out = [n for n in self.files if n not in consumed]
+        return out + list(self.renamed) + list(self.fused)
 
     @property
     def config(self) -> dict:
@@ -153,10 +189,18 @@ class _ModelIndex:
         return self.config.get("model_type")
 
     def has(self, name: str) -> bool:
-        return name in self.source.tensors
+        return name in self.source.tensors or name in self.renamed or name in self.fused
 
     def info(self, name: str) -> TensorInfo:
-        return self.source.tensors[name]
+        if name in self.fused_infos:
+            return self.fused_infos[name]
+        return self.source.tensors[self.renamed.get(name, name)]
+
+    def ref(self, name: str) -> InputRef:
+        """The engine's reference to the tensor called ``name`` in the model layout."""
+        if name in self.fused:
+            return InputRef(self.key, name, parts=self.fused[name].parts)
+        return InputRef(self.key, self.renamed.get(name, name))
 
     def config_int(self, key: str, what: str) -> int:
         """mergekit's get_config_value on this model's config: the dotted key in config.json, else under
@@ -194,22 +238,15 @@ def _transformers_config_value(path: Path, key: str):
 # Which layout: a definition of mergekit's, or its inference
 
 
-def _refuse_moe(ix: _ModelIndex) -> None:
-    cfg = ix.config
+def _is_moe(arch: str | None, cfg: dict) -> bool:
     text = cfg.get("text_config") or {}
-    if ix.arch in MOE_ARCHITECTURES or any(
+    return arch in MOE_ARCHITECTURES or any(
         isinstance(c.get(k), int) and c.get(k) > 0 for c in (cfg, text) for k in MOE_KEYS
-    ):
-        raise NotSupportedError(
-            f"{ix.where}: model {ix.key} is a mixture-of-experts model ({ix.arch}); merging MoE models "
-            "is not supported yet"
-        )
+    )
 
 
 def _definition(indexes: list[_ModelIndex], allow_crimes: bool) -> Definition:
     """mergekit's get_architecture_info: one JSON definition for all models, else inference."""
-    for ix in indexes:
-        _refuse_moe(ix)
     found = [archs.lookup(ix.arch, ix.model_type) for ix in indexes]
     if all(d is not None for d in found):
         first = found[0]
@@ -691,7 +728,7 @@ class _Planner:
             }
             for m, w in zip(models, w_ins)
         }
-        refs = [None if r is None else InputRef(m, r) for m, r in zip(models, resolved)]
+        refs = [None if r is None else self.ix[m].ref(r) for m, r in zip(models, resolved)]
         return TensorGroup(
             name=out_name,
             models=list(models),

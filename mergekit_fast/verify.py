@@ -48,6 +48,12 @@ def reference(t, sources, seed: int | None = None) -> tuple[torch.Tensor, torch.
     method = methods.get(t.method)
 
     def load(r):
+        if r.parts is not None:  # an MoE checkpoint's per-expert tensors, stacked as transformers 5 does
+            parts = [_load(sources[r.model], p) for p in r.parts]
+            experts = t.shape[0]
+            k = len(parts) // experts
+            x = torch.stack([torch.cat(parts[e * k : (e + 1) * k], 0) for e in range(experts)])
+            return x.to(t.in_dtype.torch)
         x = _load(sources[r.model], r.tensor)
         if r.rows is not None:  # a vocabulary tensor re-indexed to the output vocabulary
             return gather_reference(r.rows, x, lambda o: _load(sources[o.model], o.tensor), t.in_dtype.torch)

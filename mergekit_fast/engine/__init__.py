@@ -150,6 +150,8 @@ def _runs_natively(t, plan: MergePlan, writers: dict[str, ShardWriter]) -> bool:
         return False
     for r in t.inputs:
         src = plan.sources[r.model]
+        if r.parts is not None:
+            return False  # an input made of parts is assembled by the torch path
         info = src.tensors[r.tensor]
         if info.dtype != t.in_dtype or not src.reader(info.file).addressable(r.tensor):
             return False
@@ -157,8 +159,9 @@ def _runs_natively(t, plan: MergePlan, writers: dict[str, ShardWriter]) -> bool:
 
 
 def _gathers(plan: MergePlan) -> bool:
-    """Whether some input has re-indexed vocabulary rows (gathered into staged buffers)."""
-    return any(r.rows is not None for t in plan.tensors for r in t.inputs)
+    """Whether some input is staged in a buffer on the CPU: re-indexed vocabulary rows (gathered), or an
+    MoE checkpoint's per-expert parts read as one fused tensor (assembled)."""
+    return any(r.rows is not None or r.parts is not None for t in plan.tensors for r in t.inputs)
 
 
 def _warn_small_budget(plan: MergePlan, opt: MergeOptions, cuda: bool) -> None:

@@ -51,7 +51,9 @@ def is_raw_copy(t: OutputTensor, sources) -> bool:
         return False
     if any(r.rows is not None for r in t.inputs):
         return False  # re-indexed rows (a vocabulary) are gathered, not copied
-    return all(sources[r.model].tensors[r.tensor].dtype == t.in_dtype == t.out_dtype for r in t.inputs)
+    return all(
+        sources[r.model].tensors[f].dtype == t.in_dtype == t.out_dtype for r in t.inputs for f in r.files
+    )
 
 
 def make_jobs(plan: MergePlan) -> list[Job]:
@@ -60,7 +62,7 @@ def make_jobs(plan: MergePlan) -> list[Job]:
     def key(t: OutputTensor) -> tuple:
         if not t.inputs:  # a constant
             return ("", 0)
-        info = plan.sources[t.inputs[0].model].tensors[t.inputs[0].tensor]
+        info = plan.sources[t.inputs[0].model].tensors[t.inputs[0].files[0]]
         return (str(info.file), info.start)
 
     singles: list[Job] = []

@@ -59,12 +59,36 @@ class RunState:
     finite_flags: list = field(default_factory=list)  # (name, bool or 0-d bool tensor)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def reader(self, ref):
+    def reader(self, ref, name: str | None = None):
+        """The reader of one file tensor of ``ref`` (default: its only one)."""
         src = self.plan.sources[ref.model]
-        return src.reader(src.tensors[ref.tensor].file)
+        return src.reader(src.tensors[name or ref.tensor].file)
 
     def info(self, ref):
-        return self.plan.sources[ref.model].tensors[ref.tensor]
+        """The stored tensor (for an input made of parts: its first part)."""
+        return self.plan.sources[ref.model].tensors[ref.files[0]]
+
+    def nbytes(self, ref) -> int:
+        src = self.plan.sources[ref.model]
+        return sum(src.tensors[f].nbytes for f in ref.files)
+
+    def files(self, ref):
+        """(reader, tensor name) of every file tensor ``ref`` reads, in order."""
+        return [(self.reader(ref, f), f) for f in ref.files]
+
+    def assemble_into(self, ref, out):
+        """An input made of parts (an MoE checkpoint's per-expert tensors) copied into ``out``, a buffer of
+        the fused tensor's shape, part after part (mergekit_fast.conversion)."""
+        flat = out.view(-1)
+        pos = 0
+        for reader, name in self.files(ref):
+            x = reader.view(name).reshape(-1)
+            flat[pos : pos + x.numel()].copy_(x)
+            pos += x.numel()
+        self.count_read(self.nbytes(ref))
+        if pos != flat.numel():
+            raise MergeError(f"{ref.tensor}: its parts hold {pos} elements, the fused tensor {flat.numel()}")
+        return out
 
     def count_read(self, n: int) -> None:
         with self.lock:
@@ -81,12 +105,15 @@ class RunState:
     def release_inputs(self, job: Job) -> None:
         for t in job.tensors:
             for ref in t.inputs:
-                self.reader(ref).release(ref.tensor)
+                for reader, name in self.files(ref):
+                    reader.release(name)
                 for other in ref.rows.sources if ref.rows is not None else ():
                     self.reader(other).release(other.tensor)
 
-    def input_shape(self, ref) -> tuple[int, ...]:
-        """The shape the method sees: the stored one, or the re-indexed one."""
+    def input_shape(self, ref, fused_shape: tuple[int, ...] | None = None) -> tuple[int, ...]:
+        """The shape the method sees: the stored one, the re-indexed one, or (parts) the fused one."""
+        if ref.parts is not None:
+            return fused_shape
         shape = tuple(self.info(ref).shape)
         return shape if ref.rows is None else ref.rows.out_shape(shape)
 
@@ -145,6 +172,8 @@ class Strategy:
         if not methods.get(t.method).same_shape:
             return  # such methods check their inputs' shapes when they are planned
         for ref in t.inputs:
+            if ref.parts is not None:
+                continue  # the planner checked the parts make the fused shape
             info = self.run.info(ref)
             shape = self.run.input_shape(ref)
             if shape != tuple(t.shape):
@@ -158,7 +187,7 @@ class Copy(Strategy):
 
     def write(self, job: Job) -> None:
         for t in job.tensors:
-            parts = [(self.run.reader(ref), ref.tensor) for ref in t.inputs]
+            parts = [part for ref in t.inputs for part in self.run.files(ref)]
             n = self.run.writers[t.name].copy_in(t.name, parts)
             self.run.count_read(n)
             self.run.count_written(n)
@@ -257,8 +286,8 @@ class CpuMapped(_TorchCompute):
             self.check_shapes(t)
             ins = []
             for ref in t.inputs:
-                if ref.rows is not None:
-                    gathered.append((len(job.inputs), len(ins), ref, t.in_dtype))
+                if ref.rows is not None or ref.parts is not None:
+                    gathered.append((len(job.inputs), len(ins), ref, t))
                     ins.append(None)
                     continue
                 reader = self.run.reader(ref)
@@ -270,11 +299,15 @@ class CpuMapped(_TorchCompute):
                 reader.prefault(ref.tensor)
             job.inputs.append(ins)
         if gathered:
-            specs = [(dt, self.run.input_shape(ref)) for _, _, ref, dt in gathered]
+            specs = [(t.in_dtype if ref.parts is None else self.run.info(ref).dtype, self.run.input_shape(ref, t.shape))
+                     for _, _, ref, t in gathered]  # fmt: skip
             buf, outs = carve(self.run.in_pool, specs)
             job.staged.append(buf)
-            for (i, k, ref, dt), out in zip(gathered, outs):
-                job.inputs[i][k] = self.run.gather_into(ref, dt, out)
+            for (i, k, ref, t), out in zip(gathered, outs):
+                if ref.parts is not None:
+                    job.inputs[i][k] = self.run.assemble_into(ref, out)
+                else:
+                    job.inputs[i][k] = self.run.gather_into(ref, t.in_dtype, out)
 
     def compute(self, job: Job) -> None:
         run = self.run
@@ -313,9 +346,10 @@ class CudaPinned(_TorchCompute):
             self.check_shapes(t)
             ins = []
             for ref in t.inputs:
-                if ref.rows is not None:  # gathered on the host, straight into the pinned buffer
-                    ins.append(ref)
-                    specs.append((t.in_dtype, self.run.input_shape(ref)))
+                if ref.rows is not None or ref.parts is not None:  # gathered / assembled on the host,
+                    ins.append(ref)  # straight into the pinned buffer
+                    dt = t.in_dtype if ref.parts is None else self.run.info(ref).dtype
+                    specs.append((dt, self.run.input_shape(ref, t.shape)))
                     continue
                 view = self.run.reader(ref).view(ref.tensor)
                 self.run.count_read(self.run.info(ref).nbytes)
@@ -331,9 +365,12 @@ class CudaPinned(_TorchCompute):
         with torch.cuda.stream(self.copy_stream):
             for t, ins in zip(job.tensors, job.inputs):
                 for i, view in enumerate(ins):
-                    if not isinstance(view, torch.Tensor):  # an InputRef with rows: gather it here
+                    if not isinstance(view, torch.Tensor):  # an InputRef with rows or parts: stage it here
                         host = next(it)
-                        self.run.gather_into(view, t.in_dtype, host)
+                        if view.parts is not None:
+                            self.run.assemble_into(view, host)
+                        else:
+                            self.run.gather_into(view, t.in_dtype, host)
                     elif view.device.type != "cpu":
                         ins[i] = view.to(self.device, non_blocking=True)
                         continue
@@ -382,7 +419,8 @@ class ReadAhead:
             for t in self.jobs[self.next].tensors:
                 for ref in t.inputs:
                     with contextlib.suppress(OSError):
-                        total += self.run.reader(ref).willneed(ref.tensor)
+                        for reader, name in self.run.files(ref):
+                            total += reader.willneed(name)
                         for other in ref.rows.sources if ref.rows is not None else ():
                             total += self.run.reader(other).willneed(other.tensor)
             self.next += 1

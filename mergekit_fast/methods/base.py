@@ -163,6 +163,14 @@ class InputRef:
     # The input's rows re-indexed to the output vocabulary (mergekit_fast.vocabulary.RowMap), applied by
     # the engine while it loads the input; None: the tensor as stored. Methods pass it through unchanged.
     rows: Any = None
+    # The input is these file tensors one after another (an MoE checkpoint's per-expert tensors read as
+    # the fused tensor its definition names; mergekit_fast.conversion): ``tensor`` is then the fused name.
+    parts: tuple[str, ...] | None = None
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        """The file tensors this input reads, in order."""
+        return self.parts if self.parts is not None else (self.tensor,)
 
 
 @dataclass
