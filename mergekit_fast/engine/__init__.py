@@ -44,8 +44,8 @@ from mergekit_fast.plan import MergePlan
 log = logging.getLogger("mergekit_fast")
 
 __all__ = [
-    "MergeError", "MergeOptions", "MergeResult", "Pipeline", "ShardLayout", "ShardStats", "resolve_device",
-    "run_merge", "write_shards",
+    "MergeError", "MergeOptions", "MergeResult", "Pipeline", "ShardLayout", "ShardStats", "no_progress",
+    "resolve_device", "run_merge", "write_shards",
 ]  # fmt: skip
 
 
@@ -101,6 +101,10 @@ class MergeResult:
         if self.verify_max_ulp is not None:
             s += f", verify max error {self.verify_max_ulp:.2f} ulp"
         return s
+
+
+def no_progress(n: int) -> None:
+    """The progress callback of a run that shows no bar (an executor may skip reporting to it)."""
 
 
 def peak_rss_bytes() -> int:
@@ -282,7 +286,7 @@ def write_shards(plan: MergePlan, layout: ShardLayout, tmp: Path, opt: MergeOpti
             if only is None
             else dataclasses.replace(plan, tensors=[t for i in indices for t in layout.shards[i]])
         )
-        run = _execute(part, writers, opt, device, progress or (lambda n: None))
+        run = _execute(part, writers, opt, device, progress or no_progress)
         for w in shard_writers:
             w.close(fsync=opt.fsync)
     except BaseException:
@@ -324,12 +328,14 @@ def run_merge(
     from mergekit_fast.executors import LocalExecutor
 
     opt = prepare_options(plan, options or MergeOptions())
+    executor = executor or LocalExecutor()
     t0 = time.perf_counter()
     started = t0 if started is None else started
     try:
         out = output.check_target(out_path, input_dirs(plan), force=opt.force,
                                   force_unrecognized=opt.force_unrecognized)  # fmt: skip
-        device = resolve_device(opt.device)
+        # The executor says what the device means where it runs (a Ray cluster's GPUs, not this node's).
+        device = getattr(executor, "resolve_device", resolve_device)(opt.device)
         output.check_tokenizer_files(plan, opt.copy_tokenizer)
         _warn_small_budget(plan, opt, device != "cpu")
     except BaseException:
@@ -353,8 +359,7 @@ def run_merge(
             from tqdm import tqdm
 
             bar = tqdm(total=layout.total, unit="B", unit_scale=True, desc="merging", file=sys.stderr)
-        stats = (executor or LocalExecutor()).write(plan, layout, tmp, opt, device,
-                                                    bar.update if bar else (lambda n: None))  # fmt: skip
+        stats = executor.write(plan, layout, tmp, opt, device, bar.update if bar else no_progress)
         nonfinite = stats.nonfinite
         if nonfinite:
             msg = f"{len(nonfinite)} merged tensor(s) contain NaN or Inf: {', '.join(nonfinite[:8])}"
