@@ -311,6 +311,7 @@ def test_ray_progress_counts_every_byte_once(cluster, models, tmp_path):
     with RayExecutor(workers=2) as ex:
         stats = ex.write(plan, layout, tmp_path / "t", opt, ex.resolve_device("auto"), seen.append)
     assert sum(seen) == layout.total == stats.bytes_written
+    assert stats.peak_rss > 0  # the workers' peak RSS comes back (the summary reports the largest)
 
 
 def test_ray_missing_input_names_the_path_and_the_node(cluster, models, tmp_path):

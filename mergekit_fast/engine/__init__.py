@@ -77,7 +77,7 @@ class MergeResult:
     tensors: int
     bytes_read: int
     bytes_written: int
-    peak_rss: int
+    peak_rss: int  # bytes: this process, or the largest of the workers (Ray) when larger
     shards: int
     verify_max_ulp: float | None = None
     nonfinite: list[str] = field(default_factory=list)
@@ -255,11 +255,13 @@ class ShardStats:
     bytes_read: int = 0
     bytes_written: int = 0
     nonfinite: list[str] = field(default_factory=list)
+    peak_rss: int = 0  # the largest peak RSS of other processes that wrote shards (0: none did)
 
     def add(self, other: ShardStats) -> None:
         self.bytes_read += other.bytes_read
         self.bytes_written += other.bytes_written
         self.nonfinite.extend(other.nonfinite)
+        self.peak_rss = max(self.peak_rss, other.peak_rss)
 
 
 def write_shards(plan: MergePlan, layout: ShardLayout, tmp: Path, opt: MergeOptions, device="cpu", *,
@@ -394,7 +396,7 @@ def run_merge(
         tensors=len(plan.tensors),
         bytes_read=stats.bytes_read,
         bytes_written=stats.bytes_written,
-        peak_rss=peak_rss_bytes(),
+        peak_rss=max(peak_rss_bytes(), stats.peak_rss),  # this process, or a worker's if larger
         shards=len(layout.names),
         verify_max_ulp=verify_ulp,
         nonfinite=nonfinite,

@@ -181,7 +181,7 @@ def _worker_error(exc: BaseException, node: str) -> MergeError:
 def _write_shards_task(payload, indices: list[int], device: str, tmp: str, opt, task: tuple, actor, shipped):
     """One group of shards, written by the engine's pipeline on this worker (device "cuda": the GPU Ray
     assigned to this task)."""
-    from mergekit_fast.engine import resolve_device, write_shards
+    from mergekit_fast.engine import peak_rss_bytes, resolve_device, write_shards
 
     plan, layout = payload
     node = node_name()
@@ -193,6 +193,8 @@ def _write_shards_task(payload, indices: list[int], device: str, tmp: str, opt, 
                              progress=reporter)  # fmt: skip
         if reporter is not None:
             reporter.flush()
+        # The worker's peak RSS (over its process's life: Ray reuses workers, so an upper bound).
+        stats.peak_rss = peak_rss_bytes()
         return stats
     except MergeError as exc:
         if str(exc).startswith("worker on node "):
