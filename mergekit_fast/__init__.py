@@ -2,6 +2,7 @@
 
 Public API (imported lazily, so ``import mergekit_fast`` stays cheap):
     merge                                    the CLI's merge as a function (config path, YAML or dict)
+    merge_many                               independent merges, one after another or as Ray tasks
     merge_tensors, merge_state_dicts         mergekit 0.1.5's in-memory API, every registered method
     PerTensorValues, MemorySource            per-tensor parameter values; a model in memory
     slerp, slerp_batched, slerp_ref          SLERP op (mergekit 0.1.5 semantics)
@@ -17,6 +18,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "merge": "mergekit_fast.api",
+    "merge_many": "mergekit_fast.api",
     "merge_tensors": "mergekit_fast.api",
     "merge_state_dicts": "mergekit_fast.api",
     "PerTensorValues": "mergekit_fast.api",

@@ -51,45 +51,171 @@ def _per_group(value) -> bool:
 # ----------------------------------------------------------------------------- merge()
 
 
-def merge(config, out_path: str | os.PathLike, *, sources: Mapping[str, Any] | None = None, **options):
+def _is_path(config) -> bool:
+    return isinstance(config, os.PathLike) or (
+        isinstance(config, str) and "\n" not in config and config.endswith((".yml", ".yaml"))
+    )
+
+
+def _load(config):
+    from mergekit_fast.config import load_config, parse_config
+
+    if isinstance(config, Mapping):
+        return parse_config(config)
+    if _is_path(config):
+        return load_config(Path(config))
+    return parse_config(str(config))
+
+
+def _merge_options(options: dict):
+    from mergekit_fast.cli import parse_size
+    from mergekit_fast.engine import MergeOptions
+
+    options = dict(options)
+    for key in ("out_shard_size", "max_memory"):
+        if isinstance(options.get(key), str):
+            options[key] = parse_size(options[key], binary_suffixes=key == "max_memory")
+    return MergeOptions(**options)
+
+
+def _executor_of(executor, multi_gpu: bool, ray_address: str | None, workers: int | None):
+    """(the executor, whether this call owns it and closes it)."""
+    from mergekit_fast.executors import make_executor
+
+    if executor is None or isinstance(executor, str):
+        return make_executor(executor, multi_gpu=multi_gpu, ray_address=ray_address, workers=workers), True
+    return executor, False
+
+
+def merge(config, out_path: str | os.PathLike, *, sources: Mapping[str, Any] | None = None, executor=None,
+          multi_gpu: bool = False, ray_address: str | None = None, workers: int | None = None, **options):  # fmt: skip
     """Run a mergekit YAML merge config (a path, YAML text or a dict) and write the model to ``out_path``.
 
     ``options`` are ``mergekit_fast.engine.MergeOptions`` fields (device, out_shard_size (bytes or
     "5B"), max_memory (bytes or "4G"), force, verify, backend, random_seed, allow_crimes, ...).
     ``sources`` maps a model reference of the config to a model in memory: a state dict (name ->
     tensor), a (state dict, config.json dict) pair, or any TensorSource.
+    ``executor``: "local" (default), "ray" (the shards written by Ray tasks; ``ray_address``, ``workers``)
+    or an executor object (``mergekit_fast.executors``, e.g. a ``RayExecutor`` kept open across merges);
+    ``multi_gpu``: split the shards across every visible GPU of this node (``workers``: at most that
+    many). A Ray connection this call starts, it closes; one the caller opened (``ray.init``) is used.
     """
     import time
 
-    from mergekit_fast.cli import parse_size
-    from mergekit_fast.config import load_config, parse_config
-    from mergekit_fast.engine import MergeOptions, run_merge
+    from mergekit_fast.engine import run_merge
     from mergekit_fast.io.source import MemorySource
     from mergekit_fast.plan import build_plan
 
     t0 = time.perf_counter()
-    if isinstance(config, Mapping):
-        cfg = parse_config(config)
-    elif isinstance(config, os.PathLike) or (isinstance(config, str) and "\n" not in config
-                                             and config.endswith((".yml", ".yaml"))):  # fmt: skip
-        cfg = load_config(Path(config))
+    cfg = _load(config)
+    opt = _merge_options(options)
+    ex, owned = _executor_of(executor, multi_gpu, ray_address, workers)
+    try:
+        opened = {}
+        for ref, src in (sources or {}).items():
+            if isinstance(src, tuple):
+                src = MemorySource(src[0], src[1], key=str(ref))
+            elif isinstance(src, Mapping):
+                src = MemorySource(src, key=str(ref))
+            opened[ref] = src
+        plan = build_plan(
+            cfg, sources=opened, allow_crimes=opt.allow_crimes, trust_remote_code=opt.trust_remote_code
+        )
+        return run_merge(
+            plan, out_path, opt, started=t0, phases={"plan": time.perf_counter() - t0}, executor=ex
+        )
+    finally:
+        if owned:
+            ex.close()
+
+
+def merge_many(jobs, *, executor=None, ray_address: str | None = None, multi_gpu: bool = False,
+               return_exceptions: bool = False, on_result=None, **options) -> list:  # fmt: skip
+    """Run independent merges: ``jobs`` is a sequence of (config, out_path) pairs (config: a path, YAML
+    text or a dict, as for ``merge``); ``options`` apply to every merge. Each result is the same as
+    ``merge(config, out_path, **options)``'s.
+
+    ``executor="ray"``: every merge is one Ray task (one GPU each where the cluster has GPUs, else one
+    CPU slot), planned and written on its worker, so a sweep or a search keeps every GPU busy; inputs
+    and outputs must be on storage every node shares. Default: one after another in this process
+    (``multi_gpu``: each over every GPU of this node).
+
+    Returns the MergeResults in the order of ``jobs``. A merge that fails leaves nothing at its OUT and
+    the others still run; then a MergeError naming every failure is raised, unless
+    ``return_exceptions`` (then a failed merge's entry is its exception). ``on_result(i, result)`` is
+    called as each merge ends.
+    """
+    from mergekit_fast.errors import MergeError
+
+    jobs = [(config, os.fspath(out)) for config, out in jobs]
+    outs = [os.path.abspath(out) for _, out in jobs]
+    dup = next((o for o in outs if outs.count(o) > 1), None)
+    if dup is not None:
+        raise MergeError(f"{dup}: two merges would write the same output")
+    opt = _merge_options(options)
+    results: list = [None] * len(jobs)
+
+    def done(i: int, result) -> None:
+        results[i] = result
+        if on_result is not None:
+            on_result(i, result)
+
+    if executor == "ray":
+        from mergekit_fast.executors import require_ray
+
+        if multi_gpu:
+            raise MergeError("multi_gpu runs on one node without Ray; on Ray every merge gets its own GPU")
+        require_ray()
+        from mergekit_fast.executors.ray import run_many
+
+        ready, where = [], []
+        for i, (config, _) in enumerate(jobs):
+            try:
+                source, base_dir = _portable(config)
+            except Exception as exc:  # noqa: BLE001 - a bad config fails its merge only
+                done(i, exc)
+                continue
+            ready.append((source, base_dir, outs[i]))
+            where.append(i)
+        run_many(ready, opt, address=ray_address, on_result=lambda k, r: done(where[k], r))
     else:
-        cfg = parse_config(str(config))
-    for key in ("out_shard_size", "max_memory"):
-        if isinstance(options.get(key), str):
-            options[key] = parse_size(options[key], binary_suffixes=key == "max_memory")
-    opt = MergeOptions(**options)
-    opened = {}
-    for ref, src in (sources or {}).items():
-        if isinstance(src, tuple):
-            src = MemorySource(src[0], src[1], key=str(ref))
-        elif isinstance(src, Mapping):
-            src = MemorySource(src, key=str(ref))
-        opened[ref] = src
-    plan = build_plan(
-        cfg, sources=opened, allow_crimes=opt.allow_crimes, trust_remote_code=opt.trust_remote_code
-    )
-    return run_merge(plan, out_path, opt, started=t0, phases={"plan": time.perf_counter() - t0})
+        ex, owned = _executor_of(executor, multi_gpu, None, None)
+        try:
+            for i, (config, out) in enumerate(jobs):
+                try:
+                    r = merge(config, out, executor=ex, **options)
+                except KeyboardInterrupt:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - one failed merge does not stop the others
+                    r = exc
+                done(i, r)
+        finally:
+            if owned:
+                ex.close()
+    failed = [(jobs[i][1], r) for i, r in enumerate(results) if isinstance(r, BaseException)]
+    if failed and not return_exceptions:
+        lines = "; ".join(f"{out}: {exc}" for out, exc in failed)
+        raise MergeError(f"{len(failed)} of {len(jobs)} merges failed: {lines}")
+    return results
+
+
+def _portable(config) -> tuple:
+    """A config as a Ray task receives it: (YAML text or dict, the directory relative model paths resolve
+    against), checked here first so that a bad config fails before any task starts."""
+    from mergekit_fast.config import parse_config
+    from mergekit_fast.config.validate import read_config_file
+
+    base_dir = os.getcwd()
+    if isinstance(config, Mapping):
+        source = dict(config)
+    elif _is_path(config):
+        source = Path(config).read_text(encoding="utf-8")
+        read_config_file(Path(config), parse_config, base_dir=base_dir)  # errors name the file
+        return source, base_dir
+    else:
+        source = str(config)
+    parse_config(source, base_dir=base_dir)
+    return source, base_dir
 
 
 # ----------------------------------------------------------------------------- in memory

@@ -1,4 +1,4 @@
-"""Command line: ``mergekit-fast {merge,dus,moe,bench,info}`` and the mergekit-compatible aliases.
+"""Command line: ``mergekit-fast {merge,merge-many,dus,moe,bench,info}`` and the mergekit-compatible aliases.
 
 ``mergekit-fast-yaml CONFIG OUT [mergekit-yaml flags]`` accepts mergekit-yaml's flags: the ones
 that mean something here are mapped, the rest are accepted and ignored with a note.
@@ -8,6 +8,7 @@ Exit codes: 0 success, 2 bad input (config, model, options), 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import re
 import signal
@@ -77,7 +78,22 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="count", default=0)
     p.add_argument("-q", "--quiet", action=argparse.BooleanOptionalAction, default=False,
                    help="no progress bar, no summary")  # fmt: skip
+    _add_executor_flags(p)
     _add_mergekit_flags(p)
+
+
+def _add_executor_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("where the merge runs", "this process (the default), every GPU of this node "
+                             "(--multi-gpu), or a Ray cluster (--executor ray; pip install 'mergekit_fast[ray]')")  # fmt: skip
+    g.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="local: this process; ray: the output shards are written by Ray tasks (one GPU each "
+                   "where the cluster has GPUs), from storage every node shares")  # fmt: skip
+    g.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="with --executor ray: the cluster to use (`ray start --head` prints it; default: "
+                   "$RAY_ADDRESS, else the cluster last started on this machine, else a new local one)")  # fmt: skip
+    g.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="with --executor ray or --multi-gpu: how many workers split the shards (default: one "
+                   "per GPU; on a Ray cluster without GPUs, one per node); --max-memory applies to each")  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- mergekit's flags
@@ -92,7 +108,6 @@ _NO_EFFECT_SWITCHES = {
     "clone-tensors": "duplicated layers never share storage here",
     "async-write": "writing always overlaps compute",
     "read-to-gpu": "on a GPU, inputs are always staged to it through pinned buffers",
-    "multi-gpu": "one GPU is used",
 }
 _NO_EFFECT_VALUES = {
     "transformers-cache": "models must be local directories",
@@ -113,9 +128,11 @@ def _add_mergekit_flags(p: argparse.ArgumentParser, moe: bool = False) -> None:
     )
     g.add_argument("--cuda", action=argparse.BooleanOptionalAction, default=None,
                    help="--cuda: --device cuda; --no-cuda: --device cpu")  # fmt: skip
-    g.add_argument(
-        "--gpu-rich", action="store_true", help="as --cuda (the rest of mergekit's alias has no effect)"
-    )
+    g.add_argument("--gpu-rich", action="store_true",
+                   help="as --cuda --multi-gpu (the rest of mergekit's alias has no effect)")  # fmt: skip
+    g.add_argument("--multi-gpu", action=argparse.BooleanOptionalAction, default=False,
+                   help="split the output shards across every visible GPU of this node, one worker each "
+                   "(no cluster needed)")  # fmt: skip
     g.add_argument("--allow-crimes", action=argparse.BooleanOptionalAction, default=False,
                    help="allow mixing architectures mergekit defines separately")  # fmt: skip
     g.add_argument("--trust-remote-code", action=argparse.BooleanOptionalAction, default=False,
@@ -141,8 +158,8 @@ def _notes(args) -> None:
             flag = f"--{name}" if value is not False else f"--no-{name}"
             print(f"mergekit-fast: note: {flag} changes nothing here ({why})", file=sys.stderr)
     if getattr(args, "gpu_rich", False):
-        print("mergekit-fast: note: --gpu-rich is --device cuda here (the other flags it implies change "
-              "nothing)", file=sys.stderr)  # fmt: skip
+        print("mergekit-fast: note: --gpu-rich is --device cuda --multi-gpu here (--low-cpu-memory and "
+              "--read-to-gpu change nothing)", file=sys.stderr)  # fmt: skip
 
 
 def _device(args) -> str:
@@ -177,6 +194,34 @@ def _options(args):
     )
 
 
+def _executor(args):
+    """The executor the flags ask for (a context manager: a Ray connection it starts, it closes)."""
+    from mergekit_fast.executors import LocalExecutor, make_executor
+
+    multi = bool(getattr(args, "multi_gpu", False) or getattr(args, "gpu_rich", False))
+    if multi and args.executor == "local":
+        why = _multi_gpu_no_effect(_device(args))
+        if why:
+            print(f"mergekit-fast: note: --multi-gpu changes nothing here ({why})", file=sys.stderr)
+            return LocalExecutor()
+    return make_executor(args.executor, multi_gpu=multi, ray_address=args.ray_address, workers=args.workers)
+
+
+def _multi_gpu_no_effect(device: str) -> str | None:
+    """Why --multi-gpu would run one worker here, or None."""
+    from mergekit_fast.engine import resolve_device
+
+    if device.startswith("cuda:"):
+        return None  # MultiGPUExecutor says what to do instead
+    if resolve_device(device) == "cpu":
+        return "no GPU is used: --device cpu, or none is visible"
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        return "one GPU is visible"
+    return None
+
+
 def _setup(args) -> None:
     level = logging.WARNING - 10 * min(args.verbose, 2)
     if args.quiet:
@@ -205,9 +250,11 @@ def _run_config(config_source, out: str, args) -> int:
     t0 = time.perf_counter()
     config = load_config(config_source) if isinstance(config_source, Path) else parse_config(config_source)
     opt = _options(args)
-    plan = build_plan(config, allow_crimes=opt.allow_crimes, trust_remote_code=opt.trust_remote_code,
-                      unsafe_truncate_embeddings=getattr(args, "unsafe_truncate_embeddings", False))  # fmt: skip
-    result = run_merge(plan, out, opt, started=_T0, phases={"plan": time.perf_counter() - t0})
+    with _executor(args) as executor:
+        plan = build_plan(config, allow_crimes=opt.allow_crimes, trust_remote_code=opt.trust_remote_code,
+                          unsafe_truncate_embeddings=getattr(args, "unsafe_truncate_embeddings", False))  # fmt: skip
+        result = run_merge(plan, out, opt, started=_T0, phases={"plan": time.perf_counter() - t0},
+                           executor=executor)  # fmt: skip
     if not args.quiet:
         print(result.summary())
     return 0
@@ -218,6 +265,50 @@ def cmd_merge(args) -> int:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such config file")
     return _run_config(path, args.out, args)
+
+
+def cmd_merge_many(args) -> int:
+    from mergekit_fast.api import merge_many
+
+    if args.workers is not None:
+        raise _UsageError("--workers: merge-many runs each merge as one worker (as many at once as the cluster "
+                          "has GPUs, or CPU slots)")  # fmt: skip
+    out_dir = Path(args.out_dir)
+    if not out_dir.is_dir():
+        raise FileNotFoundError(f"{out_dir}: --out-dir must be an existing directory")
+    jobs = []
+    for c in args.configs:
+        path = Path(c)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such config file")
+        jobs.append((path, out_dir / path.stem))
+    stems = [p.stem for p, _ in jobs]
+    dup = next((s for s in stems if stems.count(s) > 1), None)
+    if dup is not None:
+        raise _UsageError(f"two configs are named {dup}: each merge writes --out-dir/<config name>")
+    opt = _options(args)
+    options = {f.name: getattr(opt, f.name) for f in dataclasses.fields(opt)}
+
+    def report(i: int, result) -> None:
+        if isinstance(result, BaseException):
+            print(f"mergekit-fast: error: {jobs[i][0]}: {result}", file=sys.stderr)
+        elif not args.quiet:
+            print(result.summary())
+
+    multi = bool(args.multi_gpu or args.gpu_rich)
+    executor = args.executor
+    if multi and executor == "local":
+        why = _multi_gpu_no_effect(_device(args))
+        if why:
+            print(f"mergekit-fast: note: --multi-gpu changes nothing here ({why})", file=sys.stderr)
+            multi = False
+    results = merge_many(jobs, executor=executor, ray_address=args.ray_address, multi_gpu=multi,
+                         return_exceptions=True, on_result=report, **options)  # fmt: skip
+    failed = sum(isinstance(r, BaseException) for r in results)
+    if not args.quiet or failed:
+        print(f"mergekit-fast: {len(results) - failed} of {len(results)} merges written to {out_dir}"
+              + (f", {failed} failed (nothing written for them)" if failed else ""), file=sys.stderr)  # fmt: skip
+    return 2 if failed else 0
 
 
 def dus_config(model: str, num_layers: int, drop: int, dtype: str | None = None) -> str:
@@ -259,8 +350,9 @@ def cmd_moe(args) -> int:
     path = Path(args.config)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such config file")
-    result = run_moe(path, args.out, _options(args), allow_same=args.allow_same, random_seed=args.random_seed,
-                     started=_T0)  # fmt: skip
+    with _executor(args) as executor:
+        result = run_moe(path, args.out, _options(args), allow_same=args.allow_same,
+                         random_seed=args.random_seed, started=_T0, executor=executor)  # fmt: skip
     if not args.quiet:
         print(result.summary())
     return 0
@@ -315,6 +407,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     _configure_merge(sub.add_parser("merge", help="run a mergekit YAML config (mergekit-yaml)"))
 
+    mm = sub.add_parser(
+        "merge-many",
+        help="run independent merge configs (a sweep, a search): one after another, or as Ray tasks",
+        description="Run every CONFIG as its own merge into OUT_DIR/<config file name without .yml>. "
+        "With --executor ray each merge is one Ray task (one GPU each where the cluster has GPUs), so "
+        "the cluster's GPUs stay busy; each result is the same as `mergekit-fast merge CONFIG OUT`'s. "
+        "A merge that fails leaves nothing at its OUT and the others still run (exit 2 at the end).",
+    )
+    mm.add_argument("configs", nargs="+", metavar="CONFIG", help="mergekit YAML merge configs")
+    mm.add_argument("--out-dir", required=True, help="where the outputs go, one directory per config")
+    _add_common(mm)
+    mm.set_defaults(func=cmd_merge_many)
+
     d = sub.add_parser(
         "dus", help="SOLAR depth up-scaling: stack two copies of MODEL, dropping N layers at the seam"
     )
@@ -354,6 +459,7 @@ class _SignalsEndTheRun:
         import threading
 
         self.saved = {}
+        self.signum = None
         if threading.current_thread() is not threading.main_thread():
             return self
         self.fired = False
@@ -370,6 +476,9 @@ class _SignalsEndTheRun:
         if self.fired:
             return
         self.fired = True
+        self.signum = (
+            signum  # a library that turns the exception into a plain KeyboardInterrupt (Ray) loses it
+        )
         raise Interrupted(signum)
 
     def __exit__(self, *exc):
@@ -382,12 +491,12 @@ def _dispatch(args) -> int:
     from mergekit_fast.backends import BackendUnavailable
     from mergekit_fast.errors import MergeError
 
-    with _SignalsEndTheRun():
+    with _SignalsEndTheRun() as signals:
         try:
             _setup(args)
             return args.func(args)
         except KeyboardInterrupt as exc:
-            signum = getattr(exc, "signum", signal.SIGINT)
+            signum = getattr(exc, "signum", None) or signals.signum or signal.SIGINT
             name = signal.Signals(signum).name
             print(f"mergekit-fast: interrupted ({name}); no output was written", file=sys.stderr)
             return 128 + int(signum)

@@ -240,10 +240,11 @@ def test_no_forms_are_accepted_with_notes(models, tmp_path, capsys):
     rc = cli.yaml_alias_main([str(cfg), str(tmp_path / "out"), *flags, "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 0 and (tmp_path / "out" / "model.safetensors").exists()
-    for note in ("--no-lazy-unpickle changes nothing here", "--no-multi-gpu changes nothing here",
-                 "--write-threads changes nothing here", "--transformers-cache changes nothing here"):  # fmt: skip
+    for note in ("--no-lazy-unpickle changes nothing here", "--write-threads changes nothing here",
+                 "--transformers-cache changes nothing here"):  # fmt: skip
         assert note in err
     assert err.count("--no-lazy-unpickle changes nothing") == 1
+    assert "multi-gpu" not in err  # a real flag now (tests/test_executors.py), off by default
 
 
 def test_no_safe_serialization_is_a_usage_error(models, tmp_path, capsys):

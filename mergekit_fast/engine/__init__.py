@@ -44,8 +44,8 @@ from mergekit_fast.plan import MergePlan
 log = logging.getLogger("mergekit_fast")
 
 __all__ = [
-    "MergeError", "MergeOptions", "MergeResult", "Pipeline", "ShardLayout", "ShardStats", "resolve_device",
-    "run_merge", "write_shards",
+    "MergeError", "MergeOptions", "MergeResult", "Pipeline", "ShardLayout", "ShardStats", "no_progress",
+    "resolve_device", "run_merge", "write_shards",
 ]  # fmt: skip
 
 
@@ -77,7 +77,7 @@ class MergeResult:
     tensors: int
     bytes_read: int
     bytes_written: int
-    peak_rss: int
+    peak_rss: int  # bytes: this process, or the largest of the workers (Ray) when larger
     shards: int
     verify_max_ulp: float | None = None
     nonfinite: list[str] = field(default_factory=list)
@@ -101,6 +101,10 @@ class MergeResult:
         if self.verify_max_ulp is not None:
             s += f", verify max error {self.verify_max_ulp:.2f} ulp"
         return s
+
+
+def no_progress(n: int) -> None:
+    """The progress callback of a run that shows no bar (an executor may skip reporting to it)."""
 
 
 def peak_rss_bytes() -> int:
@@ -265,11 +269,13 @@ class ShardStats:
     bytes_read: int = 0
     bytes_written: int = 0
     nonfinite: list[str] = field(default_factory=list)
+    peak_rss: int = 0  # the largest peak RSS of other processes that wrote shards (0: none did)
 
     def add(self, other: ShardStats) -> None:
         self.bytes_read += other.bytes_read
         self.bytes_written += other.bytes_written
         self.nonfinite.extend(other.nonfinite)
+        self.peak_rss = max(self.peak_rss, other.peak_rss)
 
 
 def write_shards(plan: MergePlan, layout: ShardLayout, tmp: Path, opt: MergeOptions, device="cpu", *,
@@ -296,7 +302,7 @@ def write_shards(plan: MergePlan, layout: ShardLayout, tmp: Path, opt: MergeOpti
             if only is None
             else dataclasses.replace(plan, tensors=[t for i in indices for t in layout.shards[i]])
         )
-        run = _execute(part, writers, opt, device, progress or (lambda n: None))
+        run = _execute(part, writers, opt, device, progress or no_progress)
         for w in shard_writers:
             w.close(fsync=opt.fsync)
     except BaseException:
@@ -338,12 +344,14 @@ def run_merge(
     from mergekit_fast.executors import LocalExecutor
 
     opt = prepare_options(plan, options or MergeOptions())
+    executor = executor or LocalExecutor()
     t0 = time.perf_counter()
     started = t0 if started is None else started
     try:
         out = output.check_target(out_path, input_dirs(plan), force=opt.force,
                                   force_unrecognized=opt.force_unrecognized)  # fmt: skip
-        device = resolve_device(opt.device)
+        # The executor says what the device means where it runs (a Ray cluster's GPUs, not this node's).
+        device = getattr(executor, "resolve_device", resolve_device)(opt.device)
         output.check_tokenizer_files(plan, opt.copy_tokenizer)
         _warn_small_budget(plan, opt, device != "cpu")
     except BaseException:
@@ -367,8 +375,7 @@ def run_merge(
             from tqdm import tqdm
 
             bar = tqdm(total=layout.total, unit="B", unit_scale=True, desc="merging", file=sys.stderr)
-        stats = (executor or LocalExecutor()).write(plan, layout, tmp, opt, device,
-                                                    bar.update if bar else (lambda n: None))  # fmt: skip
+        stats = executor.write(plan, layout, tmp, opt, device, bar.update if bar else no_progress)
         nonfinite = stats.nonfinite
         if nonfinite:
             msg = f"{len(nonfinite)} merged tensor(s) contain NaN or Inf: {', '.join(nonfinite[:8])}"
@@ -403,7 +410,7 @@ def run_merge(
         tensors=len(plan.tensors),
         bytes_read=stats.bytes_read,
         bytes_written=stats.bytes_written,
-        peak_rss=peak_rss_bytes(),
+        peak_rss=max(peak_rss_bytes(), stats.peak_rss),  # this process, or a worker's if larger
         shards=len(layout.names),
         verify_max_ulp=verify_ulp,
         nonfinite=nonfinite,

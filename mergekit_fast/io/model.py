@@ -6,6 +6,7 @@ Pickled checkpoints (.bin, .pt, .pth, .ckpt) are refused: loading them can execu
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,19 @@ class ModelSource:
     config: dict
     tensors: dict[str, TensorInfo]
     _readers: dict[Path, ShardReader] = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def __getstate__(self) -> dict:
+        """Pickled without its open files (an executor ships the plan to workers): a copy opens its
+        readers again, lazily, from the same absolute paths."""
+        state = dict(self.__dict__)
+        state["_readers"] = {}
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     @classmethod
     def open(cls, path: str | Path) -> ModelSource:
@@ -67,16 +81,22 @@ class ModelSource:
         return sorted({t.file for t in self.tensors.values()})
 
     def reader(self, file: Path) -> ShardReader:
+        """The reader of one of the model's files, opened on first use (thread-safe: the workers of
+        one process may share a plan)."""
         r = self._readers.get(file)
         if r is None:
-            shard_tensors = {n: t for n, t in self.tensors.items() if t.file == file}
-            r = self._readers[file] = ShardReader(file, shard_tensors)
+            with self._lock:
+                r = self._readers.get(file)
+                if r is None:
+                    shard_tensors = {n: t for n, t in self.tensors.items() if t.file == file}
+                    r = self._readers[file] = ShardReader(file, shard_tensors)
         return r
 
     def close(self) -> None:
-        for r in self._readers.values():
-            r.close()
-        self._readers.clear()
+        with self._lock:
+            for r in self._readers.values():
+                r.close()
+            self._readers.clear()
 
 
 def _inventory(path: Path) -> dict[str, TensorInfo]:

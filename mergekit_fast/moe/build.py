@@ -208,9 +208,12 @@ def run_moe(
     allow_same: bool = False,
     random_seed: int | None = None,
     started: float | None = None,
+    executor=None,
 ) -> MergeResult:
     """Build the MoE described by ``config`` (a MoEConfig, a config file path or YAML text) into ``out``.
-    ``random_seed`` defaults to ``options.random_seed``."""
+    ``random_seed`` defaults to ``options.random_seed``. ``executor`` writes the shards
+    (``mergekit_fast.executors``; default: this process); the gates are computed here, and travel with
+    the plan."""
     t0 = time.perf_counter()
     opt = options or MergeOptions()
     if random_seed is None:
@@ -239,6 +242,7 @@ def run_moe(
         )
         planned = time.perf_counter() - t0
         phases = {"plan": planned - plan.gate_seconds, "gates": plan.gate_seconds}
-        return run_merge(plan, out, opt, started=t0 if started is None else started, phases=phases)
+        return run_merge(plan, out, opt, started=t0 if started is None else started, phases=phases,
+                         executor=executor)  # fmt: skip
     finally:
         shutil.rmtree(tok_dir, ignore_errors=True)
