@@ -23,7 +23,9 @@ from pathlib import Path
 
 import torch
 
-ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3")
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "mixtral", "qwen2_moe", "qwen3_moe")
+# Mixture-of-experts test models: 4 experts, 2 per token (qwen2_moe also has its shared expert).
+MOE_ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe")
 
 
 def _config(arch: str, **kw):
@@ -36,6 +38,9 @@ def _config(arch: str, **kw):
         "qwen3": transformers.Qwen3Config,
         "gemma": transformers.GemmaConfig,
         "phi3": transformers.Phi3Config,
+        "mixtral": transformers.MixtralConfig,
+        "qwen2_moe": transformers.Qwen2MoeConfig,
+        "qwen3_moe": transformers.Qwen3MoeConfig,
     }
     if arch not in classes:
         raise ValueError(f"unknown test architecture {arch!r}; choose one of {ARCHITECTURES}")
@@ -86,6 +91,14 @@ def make_model(
         kw["tie_word_embeddings"] = True
     if arch == "phi3":
         kw.update(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if arch == "mixtral":
+        kw.update(num_local_experts=4, num_experts_per_tok=2)
+    if arch in ("qwen2_moe", "qwen3_moe"):
+        kw.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=intermediate_size,
+                  decoder_sparse_step=1, mlp_only_layers=[])  # fmt: skip
+        if arch == "qwen2_moe":
+            kw.update(shared_expert_intermediate_size=intermediate_size)
+    fused = config_overrides.pop("fused_experts", False)
     kw.update(config_overrides)
     config = _config(arch, **kw)
 
@@ -99,6 +112,8 @@ def make_model(
     path.mkdir(parents=True, exist_ok=True)
     save_kw = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     model.save_pretrained(path, **save_kw)
+    if fused:
+        fuse_experts(path)
     if architectures is not None:
         cfg_path = path / "config.json"
         cfg = json.loads(cfg_path.read_text())
@@ -106,6 +121,43 @@ def make_model(
         cfg_path.write_text(json.dumps(cfg, indent=2))
     if tokenizer:
         write_tokenizer(path, vocab_size)
+    return path
+
+
+def fuse_state_dict(sd: dict) -> dict:
+    """A state dict's per-expert MoE tensors stacked into transformers 5's fused layout (see fuse_experts);
+    other tensors unchanged (``block_sparse_moe.`` renamed ``mlp.``)."""
+    import re
+
+    out, experts = {}, {}
+    pat = re.compile(
+        r"^(.*)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$"
+    )
+    for name, value in sd.items():
+        m = pat.match(name)
+        if m:
+            experts.setdefault(m.group(1), {}).setdefault(int(m.group(2)), {})[m.group(3)] = value
+        else:
+            out[name.replace(".block_sparse_moe.", ".mlp.")] = value
+    for prefix, per in experts.items():
+        e = [per[i] for i in sorted(per)]
+        gate, up, down = ("w1", "w3", "w2") if "w1" in e[0] else ("gate_proj", "up_proj", "down_proj")
+        out[f"{prefix}.mlp.experts.gate_up_proj"] = torch.stack([torch.cat([x[gate], x[up]]) for x in e])
+        out[f"{prefix}.mlp.experts.down_proj"] = torch.stack([x[down] for x in e])
+    return out
+
+
+def fuse_experts(path: str | Path) -> Path:
+    """Rewrite an MoE checkpoint that transformers saved with per-expert tensors (``experts.<e>.w1`` /
+    ``gate_proj``, ...) in the fused layout of transformers 5's modules (``mlp.experts.gate_up_proj``
+    [E, 2I, H], ``mlp.experts.down_proj`` [E, H, I], ``mlp.gate.weight``), written here with torch alone
+    (stack and concatenate) -- an independent writer of the layout mergekit_fast.conversion reads."""
+    from safetensors.torch import load_file, save_file
+
+    path = Path(path)
+    out = fuse_state_dict(load_file(path / "model.safetensors"))
+    (path / "model.safetensors").unlink()
+    save_file(out, path / "model.safetensors", metadata={"format": "pt"})
     return path
 
 

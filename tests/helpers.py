@@ -16,6 +16,7 @@ from safetensors import safe_open
 
 from mergekit_fast import _native, backends
 from mergekit_fast.plan import MergePlan
+from mergekit_fast.testing import fuse_state_dict
 
 HAS_GPU = torch.cuda.is_available()
 
@@ -94,7 +95,7 @@ def assert_same_model(ours: Path, theirs: Path, *, slerp_inputs: tuple[Path, Pat
 
     a, b = read_model(ours), read_model(theirs)
     assert sorted(a) == sorted(b), set(a) ^ set(b)
-    ins = [read_model(p) for p in slerp_inputs] if slerp_inputs else None
+    ins = [fuse_state_dict(read_model(p)) for p in slerp_inputs] if slerp_inputs else None
     for name in a:
         x, y = a[name], b[name]
         assert x.shape == y.shape and x.dtype == y.dtype, name

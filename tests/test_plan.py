@@ -20,7 +20,7 @@ from helpers import DOC_SELF_ATTN, assert_same_plan, mergekit_plan
 from safetensors.torch import load_file, save_file
 
 from mergekit_fast import dtypes
-from mergekit_fast.config import ConfigError, NotSupportedError, parse_config
+from mergekit_fast.config import ConfigError, parse_config
 from mergekit_fast.io.model import ModelSource
 from mergekit_fast.plan import KNOWN_ARCHITECTURES, MergePlan, build_plan, is_pre_weight
 from mergekit_fast.testing import slerp_gradient_config
@@ -515,16 +515,24 @@ def test_mixing_architectures_needs_allow_crimes(m):
     assert len(plan.tensors) == 39
 
 
-def test_moe_models_are_not_supported(m, tmp_path):
-    moe = tmp_path / "moe"
-    shutil.copytree(m["c"], moe)
-    cfg = json.loads((moe / "config.json").read_text())
-    cfg.update(architectures=["MixtralForCausalLM"], model_type="mixtral", num_local_experts=4)
-    (moe / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(NotSupportedError, match="mixture-of-experts"):
-        plan_of(
-            f"merge_method: passthrough\nslices:\n  - sources:\n      - {{model: {moe}, layer_range: [0, 2]}}\n"
-        )
+def test_moe_models_are_planned_in_the_fused_layout(tmp_path):
+    # mergekit 0.1.5 plans MoE models from its definitions (mixtral.json: the fused expert tensors of
+    # transformers 5) and converts per-expert checkpoints while loading; the plan reads them as parts
+    from mergekit_fast.testing import make_model
+
+    moe = make_model(tmp_path / "moe", "mixtral", num_layers=2, seed=1)
+    plan = plan_of(
+        f"merge_method: passthrough\nslices:\n  - sources:\n      - {{model: {moe}, layer_range: [0, 2]}}\n"
+    )
+    by = {t.name: t for t in plan.tensors}
+    gu = by["model.layers.1.mlp.experts.gate_up_proj"]
+    assert gu.shape == (4, 128, 32) and gu.inputs[0].parts == tuple(
+        f"model.layers.1.block_sparse_moe.experts.{e}.{w}.weight" for e in range(4) for w in ("w1", "w3")
+    )
+    assert (
+        by["model.layers.0.mlp.gate.weight"].inputs[0].tensor == "model.layers.0.block_sparse_moe.gate.weight"
+    )
+    assert not any("block_sparse_moe" in n for n in by)
 
 
 def test_layers_named_off_the_llama_pattern_follow_the_definition(tmp_path):

@@ -1,0 +1,130 @@
+"""MoE models as merge inputs (issue 19): Mixtral, Qwen2-MoE and Qwen3-MoE in both checkpoint layouts
+(per-expert tensors as transformers saves them, and the fused tensors of transformers 5's modules), merged
+by mergekit-fast and by mergekit-yaml 0.1.5 (the oracle), with filters on the fused names; transformers
+loads every output, whose logits sit between the inputs'."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import assert_same_model, read_model, run_mergekit, run_ours
+
+from mergekit_fast import cli
+from mergekit_fast.testing import make_model
+
+pytestmark = pytest.mark.mergekit
+
+
+@pytest.fixture(scope="module")
+def moe(tmp_path_factory):
+    root = tmp_path_factory.mktemp("moe_inputs")
+    out = {}
+    for arch in ("mixtral", "qwen2_moe", "qwen3_moe"):
+        for fused in (False, True):
+            for seed in (1, 2):
+                tag = f"{arch}-{'fused' if fused else 'experts'}-{seed}"
+                out[tag] = make_model(root / tag, arch, num_layers=2, seed=seed, fused_experts=fused,
+                                      tokenizer=seed == 1)  # fmt: skip
+    return out
+
+
+SLERP = """
+models:
+  - model: {a}
+  - model: {b}
+merge_method: slerp
+base_model: {a}
+parameters:
+  t:
+    - filter: experts
+      value: [0.2, 0.7]
+    - filter: gate
+      value: 0.9
+    - value: 0.5
+dtype: bfloat16
+"""
+
+LINEAR = """
+models:
+  - model: {a}
+    parameters:
+      weight:
+        - filter: mlp.experts
+          value: 0.8
+        - value: 0.4
+  - model: {b}
+    parameters: {{weight: 0.6}}
+merge_method: linear
+dtype: float32
+out_dtype: bfloat16
+"""
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe"])
+@pytest.mark.parametrize("layouts", [("experts", "experts"), ("fused", "fused"), ("experts", "fused")])
+@pytest.mark.parametrize("config", ["slerp", "linear"])
+def test_moe_inputs_match_mergekit(moe, tmp_path, arch, layouts, config):
+    a, b = moe[f"{arch}-{layouts[0]}-1"], moe[f"{arch}-{layouts[1]}-2"]
+    cfg = (SLERP if config == "slerp" else LINEAR).format(a=a, b=b)
+    ours = run_ours(cfg, tmp_path / "ours", "--verify", "all")
+    theirs = run_mergekit(cfg, tmp_path / "theirs")
+    assert_same_model(ours, theirs, slerp_inputs=None if config == "linear" else (a, b))
+    names = read_model(ours)
+    assert any(n.endswith("mlp.experts.gate_up_proj") for n in names)  # the fused layout, as mergekit writes
+    assert not any(".experts.0." in n for n in names)
+
+
+def test_every_layout_gives_the_same_output(moe, tmp_path):
+    outs = []
+    for la, lb in (("experts", "experts"), ("fused", "fused"), ("fused", "experts")):
+        cfg = SLERP.format(a=moe[f"mixtral-{la}-1"], b=moe[f"mixtral-{lb}-2"])
+        outs.append(read_model(run_ours(cfg, tmp_path / f"{la}-{lb}")))
+    for o in outs[1:]:
+        assert o.keys() == outs[0].keys() and all(torch.equal(o[k], outs[0][k]) for k in o)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe"])
+def test_outputs_load_and_logits_sit_between_the_inputs(moe, tmp_path, arch):
+    import transformers
+
+    a, b = moe[f"{arch}-experts-1"], moe[f"{arch}-fused-2"]
+    cfg = LINEAR.format(a=a, b=b).replace("out_dtype: bfloat16", "out_dtype: float32")
+    out = run_ours(cfg, tmp_path / "out")
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21]])
+
+    def logits(path):
+        model, info = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                                      output_loading_info=True)  # fmt: skip
+        assert not info["missing_keys"] and not info["unexpected_keys"], info
+        with torch.no_grad():
+            return model(ids).logits
+
+    la, lb, lm = logits(a), logits(b), logits(out)
+    assert torch.isfinite(lm).all()
+    mid = (la + lb) / 2
+    assert (lm - mid).norm() < (la - lb).norm()  # nearer the inputs' middle than they are to each other
+    assert json.loads((out / "config.json").read_text())["model_type"] == arch
+
+
+def test_dus_of_an_moe_model(moe, tmp_path):
+    """Depth up-scaling copies the (per-expert or fused) layers file to file, in the fused layout."""
+    a = moe["mixtral-experts-1"]
+    cfg = f"slices:\n  - sources:\n      - model: {a}\n        layer_range: [0, 2]\n  - sources:\n      - model: {a}\n        layer_range: [1, 2]\nmerge_method: passthrough\n"
+    ours = run_ours(cfg, tmp_path / "ours")
+    theirs = run_mergekit(cfg, tmp_path / "theirs")
+    assert_same_model(ours, theirs)
+    assert json.loads((ours / "config.json").read_text())["num_hidden_layers"] == 3
+
+
+def test_moe_merge_runs_on_the_torch_backend_too(moe, tmp_path):
+    cfg = SLERP.format(a=moe["qwen3_moe-experts-1"], b=moe["qwen3_moe-experts-2"])
+    (tmp_path / "c.yml").write_text(cfg)
+    for backend in ("torch", "auto"):
+        assert (
+            cli.main(["merge", str(tmp_path / "c.yml"), str(tmp_path / backend), "-q", "--backend", backend])
+            == 0
+        )
+    x, y = read_model(tmp_path / "torch"), read_model(tmp_path / "auto")
+    assert all(torch.equal(x[k], y[k]) for k in x)
