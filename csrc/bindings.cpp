@@ -84,6 +84,24 @@ PYBIND11_MODULE(_C, m) {
       py::arg("dtype"), py::arg("a"), py::arg("b"), py::arg("out"), py::arg("n"), py::arg("t"),
       py::arg("eps"), py::arg("dot_threshold"), py::arg("threads") = 0);
   m.def(
+      "slerp_block_sums_cpu",
+      [](int dtype, uintptr_t a, uintptr_t b, int64_t n, uintptr_t partials, int threads) {
+        py::gil_scoped_release nogil;
+        return mkf::slerp_block_sums_cpu(dtype, ptr<const void>(a), ptr<const void>(b), n,
+                                         ptr<double>(partials), threads);
+      },
+      py::arg("dtype"), py::arg("a"), py::arg("b"), py::arg("n"), py::arg("partials"),
+      py::arg("threads") = 0);
+  m.attr("slerp_block") = mkf::kSlerpBlock;
+  m.def(
+      "slerp_lerp_cpu",
+      [](int dtype, uintptr_t a, uintptr_t b, uintptr_t out, int64_t n, double ca, double cb, int threads) {
+        py::gil_scoped_release nogil;
+        mkf::slerp_lerp_cpu(dtype, ptr<const void>(a), ptr<const void>(b), ptr<void>(out), n, ca, cb, threads);
+      },
+      py::arg("dtype"), py::arg("a"), py::arg("b"), py::arg("out"), py::arg("n"), py::arg("ca"), py::arg("cb"),
+      py::arg("threads") = 0);
+  m.def(
       "slerp_batched_cpu",
       [](int dtype, int64_t count, uintptr_t a_ptrs, uintptr_t b_ptrs, uintptr_t out_ptrs,
          uintptr_t numels, uintptr_t ts, double eps, double thr, int threads) {

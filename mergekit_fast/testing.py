@@ -331,3 +331,68 @@ parameters:
     - value: 0.5
 dtype: {dtype}
 """
+
+
+def make_synthetic_moe(
+    path: str | Path,
+    *,
+    num_layers: int = 1,
+    hidden_size: int = 64,
+    intermediate_size: int = 128,
+    num_experts: int = 4,
+    vocab_size: int = 256,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    dtype: torch.dtype = torch.bfloat16,
+    seed: int = 0,
+) -> Path:
+    """A random Mixtral checkpoint in transformers 5's fused expert layout, written with torch and our own
+    writer only, one expert slab at a time: a model with 1 GB fused expert tensors needs no more memory
+    than one expert's (the bounded-memory tests and benchmarks)."""
+    from mergekit_fast.io.safetensors import ShardWriter
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    h, i, e, hd = hidden_size, intermediate_size, num_experts, hidden_size // num_heads
+    kv = num_kv_heads * hd
+    shapes = {
+        "model.embed_tokens.weight": (vocab_size, h),
+        "model.norm.weight": (h,),
+        "lm_head.weight": (vocab_size, h),
+    }
+    for layer in range(num_layers):
+        p = f"model.layers.{layer}."
+        shapes.update({
+            p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (h, h), p + "self_attn.k_proj.weight": (kv, h),
+            p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, h),
+            p + "mlp.gate.weight": (e, h), p + "mlp.experts.gate_up_proj": (e, 2 * i, h),
+            p + "mlp.experts.down_proj": (e, h, i),
+        })  # fmt: skip
+    gen = torch.Generator().manual_seed(seed)
+    names = sorted(shapes)
+    writer = ShardWriter(
+        path / "model.safetensors", [(n, dtype, shapes[n]) for n in names], metadata={"format": "pt"}
+    )
+    for name in names:
+        shape = shapes[name]
+        if name.endswith("norm.weight"):
+            writer.write(name, (1.0 + 0.1 * torch.randn(shape, generator=gen)).to(dtype))
+        elif "experts." in name:
+            slab = shape[1:]
+            for k in range(shape[0]):
+                value = (0.02 * torch.randn(slab, generator=gen)).to(dtype)
+                writer.write_at(name, k * value.numel() * value.element_size(), value)
+        else:
+            writer.write(name, (0.02 * torch.randn(shape, generator=gen)).to(dtype))
+    writer.close()
+    config = {
+        "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_size": h, "intermediate_size": i,
+        "num_hidden_layers": num_layers, "num_attention_heads": num_heads, "num_key_value_heads": num_kv_heads,
+        "head_dim": hd, "vocab_size": vocab_size, "num_local_experts": e, "num_experts_per_tok": 2,
+        "hidden_act": "silu", "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 1e6,
+        "sliding_window": None, "tie_word_embeddings": False, "dtype": str(dtype).replace("torch.", ""),
+        "bos_token_id": 1, "eos_token_id": 2, "router_aux_loss_coef": 0.02, "output_router_logits": False,
+    }  # fmt: skip
+    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return path

@@ -9,6 +9,9 @@
 
 namespace mkf {
 
+// Block size of the SLERP sums (csrc/slerp/slerp_cpu.cpp kBlock): streamed chunks are multiples of it.
+constexpr int64_t kSlerpBlock = 1 << 14;
+
 // ---- CPU (csrc/slerp/slerp_cpu.cpp) ----
 // Each entry point is declared here and, through MKF_SLERP_CPU_API, once per instruction-set
 // level (common/cpu_isa.h): the mkf:: functions call the level this CPU runs.
@@ -17,6 +20,14 @@ namespace mkf {
   /* interpolation. */                                                                           \
   void slerp_cpu(int dtype, const void* a, const void* b, void* out, int64_t n, double t,       \
                  double eps, double dot_threshold, int threads);                                 \
+  /* Streaming, in two passes over chunks of a tensor too large to hold (the engine's streamed */ \
+  /* path): the sums of each kSlerpBlock block of a chunk into partials[3 * block] (the blocks */  \
+  /* whole-tensor slerp_cpu adds in order), returning the block count; then the interpolation */  \
+  /* with the coefficients of the whole tensor (rounded to the compute dtype). */                 \
+  int64_t slerp_block_sums_cpu(int dtype, const void* a, const void* b, int64_t n,             \
+                               double* partials, int threads);                                   \
+  void slerp_lerp_cpu(int dtype, const void* a, const void* b, void* out, int64_t n, double ca, \
+                      double cb, int threads);                                                   \
   /* Many independent tensors, each with its own t (the engine's batched entry point). */       \
   void slerp_batched_cpu(int dtype, int64_t count, const uint64_t* a_ptrs,                     \
                          const uint64_t* b_ptrs, const uint64_t* out_ptrs, const int64_t* numels, \

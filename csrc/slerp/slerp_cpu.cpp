@@ -187,6 +187,32 @@ void slerp_impl(const void* a_, const void* b_, void* out_, int64_t n, double t,
   });
 }
 
+template <typename F>
+int64_t block_sums_impl(const void* a_, const void* b_, int64_t n, double* partials, int threads) {
+  auto a = static_cast<const typename F::storage*>(a_);
+  auto b = static_cast<const typename F::storage*>(b_);
+  int64_t nblocks = (n + kBlock - 1) / kBlock;
+  parallel_for(nblocks, n >= kParallelMin ? threads : 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t blk = lo; blk < hi; ++blk) {
+      int64_t s = blk * kBlock, len = std::min(kBlock, n - s);
+      block_sums<F>(a + s, b + s, len, &partials[blk * 3]);
+    }
+  });
+  return nblocks;
+}
+
+template <typename F>
+void lerp_impl(const void* a_, const void* b_, void* out_, int64_t n, double ca_, double cb_, int threads) {
+  using S = typename F::storage;
+  using C = std::conditional_t<std::is_same_v<S, double>, double, float>;
+  C ca = static_cast<C>(ca_), cb = static_cast<C>(cb_);
+  int64_t nblocks = (n + kBlock - 1) / kBlock;
+  parallel_for(nblocks, n >= kParallelMin ? threads : 1, [&](int64_t lo, int64_t hi) {
+    interp_range<F>(static_cast<const S*>(a_), static_cast<const S*>(b_), static_cast<S*>(out_), lo * kBlock,
+                    std::min(n, hi * kBlock), ca, cb);
+  });
+}
+
 template <typename Fn>
 void by_dtype(int dtype, Fn&& fn) {
   switch (dtype) {
@@ -206,6 +232,20 @@ void slerp_cpu(int dtype, const void* a, const void* b, void* out, int64_t n, do
   by_dtype(dtype, [&](auto f) {
     slerp_impl<decltype(f)>(a, b, out, n, t, eps, dot_threshold, threads);
   });
+}
+
+int64_t slerp_block_sums_cpu(int dtype, const void* a, const void* b, int64_t n, double* partials,
+                             int threads) {
+  threads = default_threads(threads);
+  int64_t blocks = 0;
+  by_dtype(dtype, [&](auto f) { blocks = block_sums_impl<decltype(f)>(a, b, n, partials, threads); });
+  return blocks;
+}
+
+void slerp_lerp_cpu(int dtype, const void* a, const void* b, void* out, int64_t n, double ca, double cb,
+                    int threads) {
+  threads = default_threads(threads);
+  by_dtype(dtype, [&](auto f) { lerp_impl<decltype(f)>(a, b, out, n, ca, cb, threads); });
 }
 
 void slerp_batched_cpu(int dtype, int64_t count, const uint64_t* a_ptrs, const uint64_t* b_ptrs,
@@ -241,6 +281,16 @@ namespace mkf {
 void slerp_cpu(int dtype, const void* a, const void* b, void* out, int64_t n, double t, double eps,
                double dot_threshold, int threads) {
   MKF_CPU_DISPATCH(slerp_cpu, dtype, a, b, out, n, t, eps, dot_threshold, threads);
+}
+
+int64_t slerp_block_sums_cpu(int dtype, const void* a, const void* b, int64_t n, double* partials,
+                             int threads) {
+  MKF_CPU_DISPATCH(slerp_block_sums_cpu, dtype, a, b, n, partials, threads);
+}
+
+void slerp_lerp_cpu(int dtype, const void* a, const void* b, void* out, int64_t n, double ca, double cb,
+                    int threads) {
+  MKF_CPU_DISPATCH(slerp_lerp_cpu, dtype, a, b, out, n, ca, cb, threads);
 }
 
 void slerp_batched_cpu(int dtype, int64_t count, const uint64_t* a_ptrs, const uint64_t* b_ptrs,

@@ -35,7 +35,16 @@ from mergekit_fast.engine import output
 from mergekit_fast.engine.buffers import BufferPool
 from mergekit_fast.engine.jobs import Job, assign_shards, make_jobs, shard_names
 from mergekit_fast.engine.pipeline import Pipeline
-from mergekit_fast.engine.staging import Copy, CpuMapped, CpuNative, CudaPinned, ReadAhead, RunState, Strategy
+from mergekit_fast.engine.staging import (
+    Copy,
+    CpuMapped,
+    CpuNative,
+    CudaPinned,
+    ReadAhead,
+    RunState,
+    Strategy,
+    Streamed,
+)
 from mergekit_fast.errors import MergeError
 from mergekit_fast.io.safetensors import ShardWriter, itemsize
 from mergekit_fast.ops import verify_requested
@@ -162,6 +171,22 @@ def _runs_natively(t, plan: MergePlan, writers: dict[str, ShardWriter]) -> bool:
     return True
 
 
+def _streams(t, plan: MergePlan, budget: int) -> bool:
+    """A tensor whose inputs and result do not fit the memory budget runs in chunks, when its method can
+    (``stream_passes``) and no input needs a gather (vocabulary rows)."""
+    method = methods.get(t.method)
+    if not method.stream_passes or any(r.rows is not None for r in t.inputs) or not t.inputs:
+        return False
+    numel = math.prod(t.shape)
+    held = sum(_nbytes(plan, r) for r in t.inputs) + numel * max(t.in_dtype.itemsize, t.out_dtype.itemsize)
+    return held > budget
+
+
+def _nbytes(plan: MergePlan, ref) -> int:
+    src = plan.sources[ref.model]
+    return sum(src.tensors[f].nbytes for f in ref.files)
+
+
 def _gathers(plan: MergePlan) -> bool:
     """Whether some input is staged in a buffer on the CPU: re-indexed vocabulary rows (gathered), or an
     MoE checkpoint's per-expert parts read as one fused tensor (assembled)."""
@@ -220,8 +245,10 @@ def _execute(
     else:
         compute = CpuMapped(run)
         native = CpuNative(run) if _native_available(opt.backend) else None
+    streamed = Streamed(run, budget) if not cuda else None
     for job in jobs:
-        job.native = (native is not None and job.kind != "copy"
+        job.streamed = streamed is not None and job.kind == "one" and _streams(job.tensors[0], plan, budget)
+        job.native = (native is not None and job.kind != "copy" and not job.streamed
                       and all(_runs_natively(t, plan, writers) for t in job.tensors))  # fmt: skip
     if opt.threads and any(j.kind != "copy" and not j.native for j in jobs):
         import torch
@@ -229,7 +256,9 @@ def _execute(
         torch.set_num_threads(opt.threads)
 
     def strategy_of(job: Job) -> Strategy:
-        return copy if job.kind == "copy" else native if job.native else compute
+        if job.kind == "copy":
+            return copy
+        return streamed if job.streamed else native if job.native else compute
 
     def abort() -> None:
         run.out_pool.close()

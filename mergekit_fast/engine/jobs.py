@@ -27,6 +27,7 @@ class Job:
     tensors: list[OutputTensor]
     key: tuple = ()
     native: bool = False  # run by the method's native CPU kernel, by address, into the output mapping
+    streamed: bool = False  # too large for the budget: in chunks (staging.Streamed)
     # filled by the loader / compute stages
     inputs: list = field(default_factory=list)  # per tensor: input tensors (native: addresses)
     targets: list = field(default_factory=list)  # native: per tensor, its address in the output mapping

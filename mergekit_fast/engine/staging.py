@@ -424,3 +424,100 @@ class ReadAhead:
                         for other in ref.rows.sources if ref.rows is not None else ():
                             total += self.run.reader(other).willneed(other.tensor)
             self.next += 1
+
+
+class Streamed(_TorchCompute):
+    """One tensor too large for the memory budget, in chunks of the flattened tensor: for a two-pass
+    method, a reduce pass over every chunk (the method's stream_reduce), then an apply pass that writes
+    each chunk of the result at its offset in the shard (pwrite). Each chunk's input pages are mapped
+    just before it is used and dropped right after, and one chunk buffer is reused, so resident memory
+    stays near the budget whatever the tensor's size (a 47B MoE's 1.9 GB fused expert tensors included).
+    Chunk boundaries fall on the method's ``stream_align`` (or rows) and on the boundaries of inputs
+    made of parts, so that every piece of a chunk is one contiguous view of one file tensor."""
+
+    def __init__(self, run: RunState, budget: int):
+        super().__init__(run)
+        self.budget = budget
+
+    def load(self, job: Job) -> None:
+        self.check_shapes(job.tensors[0])
+
+    def _chunks(self, t: OutputTensor, method) -> list[tuple[int, int]]:
+        n = math.prod(t.shape)
+        align = t.shape[-1] if method.stream_rows and t.shape else max(1, method.stream_align)
+        width = len(t.inputs) + 2  # inputs (cast), result, output cast
+        itemsize = max(t.in_dtype.itemsize, t.out_dtype.itemsize, 4)
+        target = max(align, self.budget // (width * itemsize) // align * align)
+        cuts = {0, n}
+        for ref in t.inputs:
+            pos = 0
+            for _, name in self.run.files(ref):
+                pos += math.prod(self.run.plan.sources[ref.model].tensors[name].shape)
+                cuts.add(pos)
+        for s in range(0, n, target):
+            cuts.add(s)
+        bounds = sorted(c for c in cuts if c <= n)
+        return list(zip(bounds[:-1], bounds[1:]))
+
+    def _views(self, ref, lo: int, hi: int, dtype) -> tuple[list, object]:
+        """The elements [lo, hi) of input ``ref`` (one contiguous view of one file tensor, cast to ``dtype``),
+        with the callback that drops its pages."""
+        pos = 0
+        for reader, name in self.run.files(ref):
+            info = self.run.plan.sources[ref.model].tensors[name]
+            size = math.prod(info.shape)
+            if pos <= lo and hi <= pos + size:
+                item = info.dtype.itemsize
+                a, b = (lo - pos) * item, (hi - pos) * item
+                reader.prefault_range(name, a, b) if hasattr(reader, "prefault_range") else None
+                view = reader.view(name).reshape(-1)[lo - pos : hi - pos]
+                if view.device.type != "cpu":
+                    view = view.cpu()
+                x = view if view.dtype == dtype else view.to(dtype)
+                release = (lambda r=reader, nm=name, a=a, b=b: r.release_range(nm, a, b)) if hasattr(
+                    reader, "release_range") else (lambda: None)  # fmt: skip
+                self.run.count_read(b - a)
+                return x, release
+            pos += size
+        raise MergeError(f"{ref.tensor}: elements [{lo}, {hi}) span two of its parts")
+
+    def compute(self, job: Job) -> None:
+        import torch
+
+        run = self.run
+        t = job.tensors[0]
+        method = job.method
+        p = params(t)
+        ctx = run.ctx(t)
+        chunks = self._chunks(t, method)
+        state = method.stream_begin(t, p, ctx)
+        if method.stream_passes == 2:
+            for lo, hi in chunks:
+                pieces = [self._views(ref, lo, hi, t.in_dtype.torch) for ref in t.inputs]
+                method.stream_reduce(state, [x for x, _ in pieces], lo, p, ctx)
+                for _, release in pieces:
+                    release()
+            method.stream_between(state, p, ctx)
+        longest = max((hi - lo for lo, hi in chunks), default=0)
+        buf = run.out_pool.acquire(max(1, longest * t.in_dtype.itemsize))
+        job.out_bufs.append(buf)
+        writer = run.writers[t.name]
+        finite = torch.ones((), dtype=torch.bool)
+        out_item = t.out_dtype.itemsize
+        try:
+            for lo, hi in chunks:
+                pieces = [self._views(ref, lo, hi, t.in_dtype.torch) for ref in t.inputs]
+                out = as_bytes(buf)[: (hi - lo) * t.in_dtype.itemsize].view(t.in_dtype.torch)
+                r = method.stream_apply(state, [x for x, _ in pieces], lo, p, ctx, out)
+                for _, release in pieces:
+                    release()
+                if r.dtype != t.out_dtype:
+                    r = r.to(t.out_dtype.torch)
+                if r.is_floating_point():
+                    finite &= all_finite(r.reshape(-1)[:1] if method.finite_probe == "first" else r)
+                run.count_written(writer.write_at(t.name, lo * out_item, r))
+        finally:
+            run.finite_flags.append((t.name, finite))
+
+    def write(self, job: Job) -> None:
+        pass  # written chunk by chunk by compute

@@ -216,6 +216,19 @@ class ShardReader:
     def addressable(self, name: str) -> bool:
         return True
 
+    def prefault_range(self, name: str, lo: int, hi: int) -> None:
+        """``prefault`` for bytes [lo, hi) of the tensor only."""
+        info = self.tensors[name]
+        if self._mm is not None and hi > lo:
+            _madvise(self._mm, _MADV_POPULATE_READ, info.start + lo, info.start + hi)
+
+    def release_range(self, name: str, lo: int, hi: int) -> None:
+        """``release`` for bytes [lo, hi) of the tensor only (whole pages inside the range, plus the pages
+        the range shares with its neighbours: a page dropped early is simply read again)."""
+        info = self.tensors[name]
+        if self._mm is not None and hi > lo:
+            _madvise(self._mm, mmap.MADV_DONTNEED, info.start + lo, info.start + hi)
+
     def release(self, name: str) -> None:
         """Drop the tensor's pages from this process (they stay in the page cache)."""
         info = self.tensors[name]
@@ -301,6 +314,7 @@ class ShardWriter:
         self._shapes = {name: (dtypes.of(dtype), tuple(shape)) for name, dtype, shape in entries}
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         self.written: set[str] = set()
+        self._partial: dict[str, int] = {}  # bytes written so far of tensors written in pieces
         self._mm: mmap.mmap | None = None
         self._base = 0
         try:
@@ -408,6 +422,26 @@ class ShardWriter:
             pos += info.nbytes
         self.written.add(name)
         return end - start
+
+    def write_at(self, name: str, offset: int, tensor) -> int:
+        """Write part of tensor ``name``: a torch tensor's (or a buffer's) bytes at byte ``offset`` of the
+        tensor. The tensor counts as written once all of its bytes have been (pieces must not overlap)."""
+        start, end = self.offsets[name]
+        mv = (memoryview(tensor.detach().contiguous().reshape(-1).view(dtypes.uint8.torch).numpy())
+              if hasattr(tensor, "dtype") else memoryview(tensor).cast("B"))  # fmt: skip
+        if offset < 0 or start + offset + len(mv) > end:
+            raise ValueError(f"{self.path.name}: tensor {name!r}: bytes [{offset}, {offset + len(mv)}) outside its {end - start}")
+        pos = 0
+        try:
+            while pos < len(mv):
+                pos += os.pwrite(self._fd, mv[pos:], start + offset + pos)
+        except OSError as exc:
+            raise OSError(exc.errno, f"{self.path}: writing tensor {name!r} failed: {exc.strerror}") from None
+        done = self._partial.get(name, 0) + len(mv)
+        self._partial[name] = done
+        if done == end - start:
+            self.written.add(name)
+        return len(mv)
 
     @property
     def complete(self) -> bool:

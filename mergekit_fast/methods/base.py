@@ -344,6 +344,31 @@ class MergeMethod:
         """Whether ``native_cpu`` serves this planned tensor (dtype and parameters). Default: when it exists."""
         return self.native_cpu is not None
 
+    # -- streaming: a tensor larger than the memory budget, in chunks (optional)
+    # 0: never streamed (the whole tensor in memory); 1: one pass (the method is elementwise); 2: a reduce
+    # pass over every chunk (norms, dot products, histograms), then an apply pass writing chunk by chunk.
+    stream_passes: ClassVar[int] = 0
+    # chunk boundaries fall on multiples of this many elements of the flattened tensor (results then do not
+    # depend on the chunk size); with stream_rows, on whole rows (the last dimension) instead
+    stream_align: ClassVar[int] = 1 << 14
+    stream_rows: ClassVar[bool] = False
+
+    def stream_begin(self, t, params: dict, ctx: Context) -> dict:
+        """The state of one streamed tensor (``t`` is its planned OutputTensor)."""
+        return {}
+
+    def stream_reduce(self, state: dict, inputs: list, start: int, params: dict, ctx: Context) -> None:
+        """Pass 1 (stream_passes == 2): accumulate over the chunk of elements [start, start + n) of the
+        flattened inputs (contiguous torch tensors in the plan's in_dtype, in the planned order)."""
+
+    def stream_between(self, state: dict, params: dict, ctx: Context) -> None:
+        """After pass 1: turn the accumulated statistics into what the apply pass needs."""
+
+    def stream_apply(self, state: dict, inputs: list, start: int, params: dict, ctx: Context, out):
+        """The result for the chunk [start, start + n) in the result dtype; write it into ``out`` (a
+        contiguous buffer of n elements of in_dtype) when convenient, and return it."""
+        raise NotImplementedError(f"merge method {self.name} does not stream")
+
     def __repr__(self) -> str:
         return f"<merge method {self.name}>"
 

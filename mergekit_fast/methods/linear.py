@@ -27,6 +27,11 @@ class Linear(MergeMethod):
         weights = tuple(float(w) for w in p["weight"])
         return Planned(self.name, planned.inputs, (("weights", weights), ("normalize", bool(p["normalize"]))))
 
+    stream_passes = 1  # elementwise: chunk by chunk, the same bits as the whole tensor
+
+    def stream_apply(self, state, inputs, start, params, ctx, out):
+        return self.compute(inputs, params, ctx, out)
+
     def compute(self, inputs, params, ctx: Context, out=None):
         """mergekit's arithmetic, bit for bit: fp32 weights, addcmul_ accumulation, one division."""
         import torch

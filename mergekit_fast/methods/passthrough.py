@@ -29,6 +29,11 @@ class Passthrough(MergeMethod):
         (scale,) = dict(planned.params)["scale"]
         return Planned(self.name, planned.inputs, (("scale", None if scale is None else float(scale)),))
 
+    stream_passes = 1
+
+    def stream_apply(self, state, inputs, start, params, ctx, out):
+        return self.compute(inputs, params, ctx, out)
+
     def compute(self, inputs, params, ctx: Context, out=None):
         scale = params.get("scale")
         r = inputs[0] if scale is None else inputs[0] * scale

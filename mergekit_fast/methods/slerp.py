@@ -69,6 +69,67 @@ class Slerp(MergeMethod):
         cdt = torch.float64 if inputs[0].dtype == torch.float64 else torch.float32
         return abs(ca) * inputs[0].to(cdt).abs() + abs(cb) * inputs[1].to(cdt).abs()
 
+    # streamed: the sums over 2^20-element chunks (the blocks the reference and the C++ kernel add in
+    # order, so a streamed tensor gets the coefficients of a whole one), then the interpolation
+    stream_passes = 2
+    stream_align = 1 << 20
+
+    def stream_begin(self, t, params, ctx):
+        from mergekit_fast import _native, backends
+
+        try:
+            native = backends.select("slerp", "cpu", ctx.backend) == "cpp" and _native.C is not None
+        except (backends.BackendUnavailable, ValueError):
+            native = False
+        return {"partials": [], "native": native and t.in_dtype.native is not None}
+
+    def stream_reduce(self, state, inputs, start, params, ctx):
+        import torch
+
+        a, b = inputs
+        if state["native"] and a.device.type == "cpu":
+            from mergekit_fast import _native
+
+            n = a.numel()
+            buf = torch.empty(3 * (-(-n // _native.C.slerp_block)), dtype=torch.float64)
+            _native.C.slerp_block_sums_cpu(_native.dtype_tag(a.dtype), a.data_ptr(), b.data_ptr(), n,
+                                           buf.data_ptr(), ctx.threads)  # fmt: skip
+            state["partials"].append(buf.view(-1, 3))
+            return
+        from mergekit_fast.ops.slerp import _sums_ref
+
+        step = 1 << 20  # the reference's chunks
+        rows = [_sums_ref(a[s : s + step], b[s : s + step]) for s in range(0, a.numel(), step)]
+        state["partials"].append(torch.tensor(rows, dtype=torch.float64).view(-1, 3))
+
+    def stream_between(self, state, params, ctx):
+        from mergekit_fast.ops.slerp import slerp_coefficients
+
+        saa = sbb = sab = 0.0
+        for part in state["partials"]:
+            for x, y, z in part.tolist():  # in order, as the whole-tensor sums add their blocks
+                saa += x
+                sbb += y
+                sab += z
+        state["coefficients"] = slerp_coefficients(saa, sbb, sab, float(params["t"]), SLERP_EPS, SLERP_DOT_THRESHOLD)
+
+    def stream_apply(self, state, inputs, start, params, ctx, out):
+        import torch
+
+        a, b = inputs
+        ca, cb = state["coefficients"]
+        if state["native"] and a.device.type == "cpu":
+            from mergekit_fast import _native
+
+            _native.C.slerp_lerp_cpu(_native.dtype_tag(a.dtype), a.data_ptr(), b.data_ptr(), out.data_ptr(),
+                                     a.numel(), ca, cb, ctx.threads)  # fmt: skip
+            return out
+        cdt = torch.float64 if a.dtype == torch.float64 else torch.float32
+        from mergekit_fast.ops.slerp import _round_to
+
+        ca, cb = _round_to(ca, cdt), _round_to(cb, cdt)
+        return out.copy_((ca * a.to(cdt) + cb * b.to(cdt)).to(a.dtype))
+
     @staticmethod
     def native_cpu(tensors, inputs, outs, threads, seed=None):
         """SLERP by the C++ kernel on mapped memory, one call for all tensors (all of one dtype)."""
