@@ -83,7 +83,8 @@ L1_BLOCK = 4096  # L1 norms: fp64 sums of fixed blocks (one thread each), then m
 L1_CHUNK = 1 << 22  # elements converted to fp64 at a time
 INSERTION_THRESHOLD = 16  # libstdc++'s _S_threshold
 NAN_KEY = 0x7FC00000  # every NaN magnitude sorts as one value above +inf
-RNG_CHUNK_BLOCKS = 1 << 14  # Philox blocks per step on the CPU (four elements each; stays in cache)
+RNG_CHUNK_BLOCKS = 1 << 13  # Philox blocks per step on the CPU: 4 words each, 32768 per step, under torch's
+# parallel grain (larger ops go to the intra-op pool, which stalls when other processes load the cores)
 
 
 def family_params(*, normalize: bool, rescale: bool, sparsification: str | None) -> tuple[Param, ...]:
@@ -302,13 +303,15 @@ def sparsify(delta, index: int, params: dict, method: str, ctx: Context, *, fast
     wd = work_dtype(dtype, precise)
     if method == RANDOM:
         p = torch.full((), density, dtype=wd)
-        keep = _draw(float(p), seed, ctx.name, index, delta.shape, delta.device, fast=fast)
+        keep = _draw(
+            float(p), seed, ctx.name, index, delta.shape, delta.device, fast=fast, threads=ctx.threads
+        )
         return _rescaled(delta.to(wd), keep, rescale, precise).to(dtype)
     if method == DELLA:
         if density <= 0:
             return torch.zeros_like(delta)
         probs = della_probabilities(delta, density, float(params["epsilon"][index]), wd, ctx.name, fast=fast)
-        keep = _draw(probs, seed, ctx.name, index, delta.shape, delta.device, fast=fast)
+        keep = _draw(probs, seed, ctx.name, index, delta.shape, delta.device, fast=fast, threads=ctx.threads)
         return _rescaled(delta.to(wd), keep, rescale, precise).to(dtype)
     raise ValueError(f"unknown sparsification {method!r}")
 
@@ -607,9 +610,10 @@ def della_probabilities(delta, density: float, epsilon: float, wd, name: str, *,
 # Random draws (methods/rng.py's words; here computed in cache-sized chunks)
 
 
-def _draw(p, seed: int, name: str, stream: int, shape, device, *, fast: bool):
+def _draw(p, seed: int, name: str, stream: int, shape, device, *, fast: bool, threads: int = 1):
     """Keep mask (bool, ``shape``): element j kept where rng.uniform(seed, name, stream)[j] < p (p a number
-    or a tensor of ``shape``, compared in fp32)."""
+    or a tensor of ``shape``, compared in fp32). ``fast``: the words in chunks, on up to ``threads`` threads
+    (each chunk writes its own slice, so the result does not depend on them)."""
     import torch
 
     from mergekit_fast.methods import rng
@@ -623,14 +627,28 @@ def _draw(p, seed: int, name: str, stream: int, shape, device, *, fast: bool):
     else:
         # u = (word >> 8) * 2^-24 < p  <=>  (word >> 8) < ceil(p * 2^24) (p * 2^24 is exact in fp64)
         threshold = math.ceil(float(torch.tensor(p, dtype=torch.float32)) * 2.0**24)
-    step = RNG_CHUNK_BLOCKS * 4 if torch.device(device).type == "cpu" else 1 << 24
-    for s in range(0, n, step):
+    cpu = torch.device(device).type == "cpu"
+    step = RNG_CHUNK_BLOCKS * 4 if cpu else 1 << 24
+
+    def chunk(s: int) -> None:
         e = min(n, s + step)
-        bits = philox_words(seed, name, stream, e - s, s, device) >> 8
+        bits = philox_words(seed, name, stream, e - s, s, device).bitwise_right_shift_(8)
         if isinstance(p, torch.Tensor):
             keep[s:e] = bits.to(torch.float32).mul_(2.0**-24) < pf[s:e]
         else:
             keep[s:e] = bits < threshold
+
+    starts = range(0, n, step)
+    workers = min(max(int(threads), 1), 4) if cpu else 1
+    if workers > 1 and len(starts) > 2 * workers:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(workers, thread_name_prefix="mkf-philox") as pool:
+            for _ in pool.map(chunk, starts):
+                pass
+    else:
+        for s in starts:
+            chunk(s)
     return keep.view(tuple(shape))
 
 
@@ -675,7 +693,7 @@ def _philox_words(seed: int, name: str, stream: int, n: int, start: int, device)
     h = rng.stream_hash(name, stream)
     first, last = start // 4, (start + n - 1) // 4
     c0 = torch.arange(first, last + 1, dtype=torch.int64, device=device)
-    c1 = c0 >> 32
+    c1 = torch.bitwise_right_shift(c0, 32)
     c0.bitwise_and_(mask)
     c2 = torch.full_like(c0, h & mask)
     c3 = torch.full_like(c0, h >> 32)
