@@ -53,7 +53,12 @@ _NOT_METHODS = frozenset({"base", "rng"})
 def _builtin_modules() -> list[str]:
     import pkgutil
 
-    return sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_") and m.name not in _NOT_METHODS)
+    return sorted(
+        m.name
+        for m in pkgutil.iter_modules(__path__)
+        if not m.name.startswith("_") and m.name not in _NOT_METHODS
+    )
+
 
 _REGISTRY: dict[str, MergeMethod] = {}
 _loaded = False

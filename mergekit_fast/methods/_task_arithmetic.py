@@ -53,6 +53,7 @@ Nothing here imports torch at import time.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import ClassVar
 
@@ -83,6 +84,7 @@ L1_BLOCK = 4096  # L1 norms: fp64 sums of fixed blocks (one thread each), then m
 L1_CHUNK = 1 << 22  # elements converted to fp64 at a time
 INSERTION_THRESHOLD = 16  # libstdc++'s _S_threshold
 NAN_KEY = 0x7FC00000  # every NaN magnitude sorts as one value above +inf
+PARALLEL_MIN_NUMEL = 1 << 16  # smaller tensors: one thread (the pool costs more than it saves)
 RNG_CHUNK_BLOCKS = 1 << 13  # Philox blocks per step on the CPU: 4 words each, 32768 per step, under torch's
 # parallel grain (larger ops go to the intra-op pool, which stalls when other processes load the cores)
 
@@ -226,12 +228,30 @@ def merge(
     dtype = base.dtype
     weights = list(params["weight"])
     stacked = torch.empty((len(others), *base.shape), dtype=dtype, device=base.device)
-    for i, x in enumerate(others):
-        delta = x - base
+    # The deltas are independent: on the CPU, sparsify them concurrently (torch's sorts are single-threaded),
+    # each into its own row, so the result does not depend on the number of threads.
+    workers = min(len(others), max(int(ctx.threads), 1)) if fast and sparsification is not None else 1
+    if base.device.type != "cpu" or base.numel() < PARALLEL_MIN_NUMEL:
+        workers = 1
+    sub = ctx if workers == 1 else dataclasses.replace(ctx, threads=max(1, int(ctx.threads) // workers))
+
+    rows = list(stacked.unbind(0))
+
+    def one(i: int) -> None:
+        delta = torch.sub(others[i], base, out=rows[i])
         if sparsification is not None:
-            delta = sparsify(delta, i, params, sparsification, ctx, fast=fast)
-        stacked[i] = delta
-        del delta
+            rows[i].copy_(sparsify(delta, i, params, sparsification, sub, fast=fast))
+
+    if workers > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(workers, thread_name_prefix="mkf-sparsify") as pool:
+            for _ in pool.map(one, range(len(others))):
+                pass
+    else:
+        for i in range(len(others)):
+            one(i)
+    rows.clear()
     w = torch.tensor(weights, dtype=dtype, device=base.device).view(-1, *([1] * base.dim()))
     stacked.mul_(w)
     if consensus is not None:
@@ -327,7 +347,7 @@ def _rescaled(t, keep, rescale: bool, precise: bool):
     the L1 norm); in t's dtype, or in fp32/fp64 with ``precise`` (the caller rounds to its dtype)."""
     import torch
 
-    masked = t * keep.to(t.dtype)
+    masked = t * keep  # keep: bool or 0/1 (a bool factor multiplies as 0/1 in t's dtype)
     if not rescale:
         return masked
     before, after = l1_norm(t), l1_norm(masked)
@@ -351,12 +371,12 @@ def l1_norm(t) -> float:
     n = flat.numel()
     parts: list[float] = []
     for s in range(0, n, L1_CHUNK):
-        c = flat[s : s + L1_CHUNK].to(torch.float64).abs()
+        c = flat[s : s + L1_CHUNK].abs()  # exact in any dtype; accumulated in fp64 below
         m = c.numel() // L1_BLOCK * L1_BLOCK
         if m:
-            parts.extend(c[:m].view(-1, L1_BLOCK).sum(dim=1).tolist())
+            parts.extend(torch.sum(c[:m].view(-1, L1_BLOCK), dim=1, dtype=torch.float64).tolist())
         if m < c.numel():
-            parts.append(float(c[m:].sum()))
+            parts.append(float(torch.sum(c[m:], dtype=torch.float64)))
     return math.fsum(parts)
 
 
