@@ -31,6 +31,7 @@ SIZES = {
     "tiny": (128, 4, 352, 512, 4, 2),
 }
 
+
 def models(size: str, synthetic: bool = False) -> tuple[Path, Path, Path, int]:
     h, n, i, v, heads, kv = SIZES[size]
     kw = dict(

@@ -137,7 +137,9 @@ def config(method: str, a, b, c, n: int) -> str:
     if method == "dus":
         return DUS.format(a=a, k=n - n // 4, d=n // 4, n=n)
     if method not in CONFIGS:
-        raise SystemExit(f"no benchmark config for {method!r}; known: slerp, dus, {', '.join(sorted(CONFIGS))}")
+        raise SystemExit(
+            f"no benchmark config for {method!r}; known: slerp, dus, {', '.join(sorted(CONFIGS))}"
+        )
     return CONFIGS[method].format(a=a, b=b, c=c, n=n)
 
 
