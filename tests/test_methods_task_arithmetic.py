@@ -534,3 +534,69 @@ def test_declarations_follow_mergekit():
         mine.pop("precise_sparsify", None)
         assert mine == spec, name
         assert ours.random == (ours.sparsification in (ta.RANDOM, ta.DELLA))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("consensus", [None, ta.SUM, ta.COUNT])
+@pytest.mark.parametrize("sparsification", [None, ta.MAGNITUDE, ta.MAGNITUDE_OUTLIERS, ta.RANDOM, ta.DELLA])
+def test_core_equals_mergekits_class(sparsification, consensus, dtype, monkeypatch):
+    """The core against mergekit's GeneralizedTaskArithmeticMerge built with the same choices, every dtype,
+    both consensus methods (count is used by no registered method), draws forced equal."""
+    from mergekit.merge_methods.base import TensorGroup
+    from mergekit.merge_methods.generalized_task_arithmetic import (
+        ConsensusMethod,
+        GeneralizedTaskArithmeticMerge,
+    )
+    from mergekit.sparsify import SparsificationMethod
+
+    name = "model.layers.1.mlp.down_proj.weight"
+    g = torch.Generator().manual_seed(11)
+    base = (torch.randn(48, 80, generator=g) * 0.05).to(dtype)
+    xs = [
+        (base.double() + torch.randn(48, 80, generator=g, dtype=torch.float64) * 0.01).to(dtype)
+        for _ in range(3)
+    ]
+    mk = GeneralizedTaskArithmeticMerge(
+        consensus_method=consensus and ConsensusMethod(consensus),
+        sparsification_method=sparsification and SparsificationMethod(sparsification),
+        default_normalize=True, default_rescale=True, method_name="x", method_pretty_name=None,
+        method_reference_url=None,
+    )  # fmt: skip
+    params = {"weight": (0.5, -0.2, 0.7), "density": (0.4, 1.0, 0.7), "gamma": (0.05, 0.01, 0.1),
+              "epsilon": (0.2, 0.1, 0.25), "normalize": True, "rescale": True, "lambda": 0.9, "int8_mask": False}  # fmt: skip
+    # mergekit draws only for the models it sparsifies (density < 1): their streams, in order
+    streams = [i for i, d in enumerate(params["density"]) if d < 1]
+
+    def draws(p, *args, **kwargs):
+        return rng.bernoulli(p, 21, name, streams.pop(0), tuple(p.shape)).to(p.dtype)
+
+    monkeypatch.setattr(torch, "bernoulli", draws)
+    group = TensorGroup.from_tensors([base, *xs], ids=["b", "x", "y", "z"], base_index=0, name=name)
+    mk_params = {k: v for k, v in params.items() if k in {p.name for p in mk.spec.parameters}}
+    for k in ("weight", "density", "gamma", "epsilon"):
+        if k in mk_params:
+            mk_params[k] = dict(zip(["x", "y", "z"], mk_params[k]))
+    theirs = mk.merge_group(group, **mk_params)
+    assert not streams or sparsification not in (ta.RANDOM, ta.DELLA)
+    method = type("Probe", (ta.TaskArithmeticFamily,), {"name": "probe", "sparsification": sparsification})()
+    scale = method.verify_scale([base, *xs], params)
+    for fast in (True, False):
+        ctx = Context(name=name, seed=21)
+        ours = ta.merge([base, *xs], params, sparsification, consensus, ctx, fast=fast)
+        assert ours.dtype == theirs.dtype
+        fp32_norms = sparsification is not None and (
+            dtype in (torch.float32, torch.float64)
+            or (sparsification in (ta.RANDOM, ta.DELLA) and dtype != torch.bfloat16)
+        )
+        if fp32_norms:
+            # mergekit's rescale norms are torch fp32 sums (its random sparsifiers work in fp32 for fp16 and fp64
+            # inputs on the CPU; fp64 magnitudes are summed in another order), each ~1 ulp off the exact sum, so
+            # its factor is a few fp32 ulps off ours: FP32_RESCALE_ULPS fp32 ulps of the terms, which an fp16
+            # output can turn into one fp16 ulp.
+            diff = (ours.double() - theirs.double()).abs()
+            bound = FP32_RESCALE_ULPS * ulp(scale, torch.float32)
+            if dtype == torch.float16:
+                bound = torch.maximum(bound, ulp(scale, torch.float16))
+            assert bool((diff <= bound).all()), float(diff.max())
+        else:
+            assert torch.equal(ours, theirs), (sparsification, consensus, dtype, fast)
