@@ -120,6 +120,8 @@ DETERMINISTIC = {
     # random methods with nothing drawn (density >= 1) are deterministic
     "dare_ties-density-1": ("llama", "dare_ties", ["{weight: 0.6}", "{weight: 0.4, density: 1.2}"], "",
         "bfloat16"),
+    "dare_linear-density-0-and-1": ("qwen", "dare_linear", ["{weight: 0.6, density: 0.0}", "{weight: 0.4}"],
+        "{normalize: true}", "float32"),
     "della_linear-density-1-fp32": ("qwen", "della_linear", ["{weight: 0.6}", "{weight: 0.4}"],
         "{normalize: true, lambda: 1.3}", "float32"),
 }  # fmt: skip
