@@ -112,6 +112,100 @@ base_model: {a}
 parameters: {{r: 0.1, alpha: 0.2}}
 dtype: bfloat16
 """,
+    # The task-arithmetic family: base {a}, models {b} and {c}; parameters in the style of mergekit's
+    # examples (examples/ties.yml: density and weight gradients, a filter, normalize and int8_mask).
+    "task_arithmetic": """\
+models:
+  - model: {b}
+    parameters: {{weight: 0.7}}
+  - model: {c}
+    parameters: {{weight: [0.2, 0.5]}}
+merge_method: task_arithmetic
+base_model: {a}
+parameters: {{lambda: 0.9}}
+dtype: bfloat16
+""",
+    "ties": """\
+models:
+  - model: {b}
+    parameters:
+      density: [1, 0.7, 0.1]
+      weight: 1.0
+  - model: {c}
+    parameters:
+      density: 0.5
+      weight:
+        - filter: mlp
+          value: 0.5
+        - value: 0.3
+merge_method: ties
+base_model: {a}
+parameters: {{normalize: true, int8_mask: true}}
+dtype: bfloat16
+""",
+    "dare_ties": """\
+models:
+  - model: {b}
+    parameters: {{density: 0.53, weight: 0.6}}
+  - model: {c}
+    parameters: {{density: 0.53, weight: 0.4}}
+merge_method: dare_ties
+base_model: {a}
+parameters: {{int8_mask: true}}
+dtype: bfloat16
+""",
+    "dare_linear": """\
+models:
+  - model: {b}
+    parameters: {{density: 0.5, weight: 0.6}}
+  - model: {c}
+    parameters: {{density: [0.3, 0.7], weight: 0.4}}
+merge_method: dare_linear
+base_model: {a}
+dtype: bfloat16
+""",
+    "breadcrumbs": """\
+models:
+  - model: {b}
+    parameters: {{density: 0.9, gamma: 0.01, weight: 0.6}}
+  - model: {c}
+    parameters: {{density: 0.9, gamma: 0.01, weight: 0.4}}
+merge_method: breadcrumbs
+base_model: {a}
+dtype: bfloat16
+""",
+    "breadcrumbs_ties": """\
+models:
+  - model: {b}
+    parameters: {{density: 0.9, gamma: 0.01, weight: 0.6}}
+  - model: {c}
+    parameters: {{density: 0.9, gamma: 0.01, weight: 0.4}}
+merge_method: breadcrumbs_ties
+base_model: {a}
+parameters: {{normalize: true}}
+dtype: bfloat16
+""",
+    "della": """\
+models:
+  - model: {b}
+    parameters: {{density: 0.5, epsilon: 0.1, weight: 0.6}}
+  - model: {c}
+    parameters: {{density: 0.5, epsilon: 0.1, weight: 0.4}}
+merge_method: della
+base_model: {a}
+parameters: {{lambda: 1.0}}
+dtype: bfloat16
+""",
+    "della_linear": """\
+models:
+  - model: {b}
+    parameters: {{density: 0.5, epsilon: 0.1, weight: 0.6}}
+  - model: {c}
+    parameters: {{density: 0.5, epsilon: 0.1, weight: 0.4}}
+merge_method: della_linear
+base_model: {a}
+dtype: bfloat16
+""",
 }
 
 

@@ -373,11 +373,6 @@ BAD_CONFIGS = [
         "models/slices/modules: exactly one of 'models', 'slices' or 'modules' must be given; got models and slices",
     ),
     ("merge_method: linear\nmodels: []\n", ConfigError, "models/slices/modules: exactly one"),
-    (
-        "merge_method: ties\nmodels:\n  - model: a\n",
-        NotSupportedError,
-        "merge_method: 'ties' is not supported yet",
-    ),
     ("merge_method: foo\nmodels:\n  - model: a\n", ConfigError, "merge_method: unknown method 'foo'"),
     (
         "merge_method: linear\nmodels:\n  - model: a+lora\n",
@@ -562,6 +557,28 @@ def _plain(v):
     if hasattr(v, "model_dump"):
         return {k: x for k, x in v.model_dump().items() if x is not None}
     return v
+
+
+@pytest.mark.mergekit
+def test_every_mergekit_method_is_here():
+    from mergekit.merge_methods import registered_methods
+
+    from mergekit_fast import methods
+
+    theirs = {m.spec.name for m in registered_methods()}
+    assert theirs == set(methods.MERGEKIT_METHODS)
+    assert theirs <= set(methods.names())
+    for name in theirs:  # the same parameter names, scopes and defaults
+        ours = methods.get(name)
+        mk = next(m for m in registered_methods() if m.spec.name == name)
+        for p in mk.spec.parameters:
+            q = ours.param(p.name)
+            assert q is not None, (name, p.name)
+            assert q.scope.value == p.scope.value, (name, p.name)
+            if not p.required:
+                assert q.default == p.default, (name, p.name, q.default, p.default)
+            else:
+                assert q.required, (name, p.name)
 
 
 def test_layer_range_checks_do_not_need_models():

@@ -430,7 +430,9 @@ class ShardWriter:
         mv = (memoryview(tensor.detach().contiguous().reshape(-1).view(dtypes.uint8.torch).numpy())
               if hasattr(tensor, "dtype") else memoryview(tensor).cast("B"))  # fmt: skip
         if offset < 0 or start + offset + len(mv) > end:
-            raise ValueError(f"{self.path.name}: tensor {name!r}: bytes [{offset}, {offset + len(mv)}) outside its {end - start}")
+            raise ValueError(
+                f"{self.path.name}: tensor {name!r}: bytes [{offset}, {offset + len(mv)}) outside its {end - start}"
+            )
         pos = 0
         try:
             while pos < len(mv):

@@ -111,7 +111,9 @@ class Slerp(MergeMethod):
                 saa += x
                 sbb += y
                 sab += z
-        state["coefficients"] = slerp_coefficients(saa, sbb, sab, float(params["t"]), SLERP_EPS, SLERP_DOT_THRESHOLD)
+        state["coefficients"] = slerp_coefficients(
+            saa, sbb, sab, float(params["t"]), SLERP_EPS, SLERP_DOT_THRESHOLD
+        )
 
     def stream_apply(self, state, inputs, start, params, ctx, out):
         import torch

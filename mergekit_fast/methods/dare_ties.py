@@ -1,0 +1,23 @@
+"""dare_ties: DARE TIES (https://arxiv.org/abs/2311.03099), as mergekit 0.1.5 registers it.
+
+mergekit 0.1.5's GeneralizedTaskArithmeticMerge with sparsification random and consensus sum;
+defaults normalize=false, rescale=true. The math is in ``_task_arithmetic`` (the family's core).
+Draws are counter-based (methods/rng.py: stream i for the i-th non-base model), so the same seed gives
+the same model everywhere; parity with mergekit's torch.bernoulli is statistical.
+"""
+
+from __future__ import annotations
+
+from mergekit_fast.methods._task_arithmetic import RANDOM, SUM, TaskArithmeticFamily, family_params
+
+
+class DareTies(TaskArithmeticFamily):
+    name = "dare_ties"
+    description = "DARE: drop delta elements at random (keep probability density), rescale to the L1 norm, TIES sign election"
+    sparsification = RANDOM
+    consensus = SUM
+    random = True
+    params = family_params(normalize=False, rescale=True, sparsification=RANDOM)
+
+
+METHOD = DareTies()
