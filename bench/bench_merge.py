@@ -8,6 +8,7 @@ Mistral-shaped checkpoints built once and cached under bench/cache/ (generated, 
     python bench/bench_merge.py --quick         # two ~0.1B models
     python bench/bench_merge.py --method dus    # depth up-scaling instead of the gradient SLERP
     python bench/bench_merge.py --method ties   # any method with a config in bench/method_configs.py
+    python bench/bench_merge.py --size 8x0.3b   # MoE inputs: Mixtral-shaped, 8 experts, fused layout
 """
 
 from __future__ import annotations
@@ -30,9 +31,34 @@ SIZES = {
     "0.1b": (768, 8, 2048, 16000, 12, 4),
     "tiny": (128, 4, 352, 512, 4, 2),
 }
+# Mixtral-shaped models with 8 experts per layer (fused expert tensors), for MoE inputs (--moe):
+# 8x0.3b is 1.3 GB per model (0.55 B parameters in the experts), 8x0.1b 0.65 GB
+MOE_SIZES = {
+    "8x0.3b": (1024, 8, 2816, 32000, 16, 8),
+    "8x0.1b": (768, 8, 2048, 16000, 12, 4),
+}
+
+
+def moe_models(size: str) -> tuple[Path, Path, Path, int]:
+    """Three Mixtral checkpoints (8 experts, fused layout) written with torch alone, cached."""
+    from mergekit_fast.testing import make_synthetic_moe
+
+    h, n, i, v, heads, kv = MOE_SIZES[size]
+    root = common.RESULTS.parent / "cache"
+    paths = []
+    for tag, seed in (("a", 1), ("b", 2), ("c", 3)):
+        path = root / f"mixtral-{size}-{tag}"
+        if not (path / "config.json").exists():
+            print(f"building benchmark model {path.name} (once; cached)")
+            make_synthetic_moe(path, seed=seed, num_layers=n, hidden_size=h, intermediate_size=i, num_experts=8,
+                               vocab_size=v, num_heads=heads, num_kv_heads=kv)  # fmt: skip
+        paths.append(path)
+    return paths[0], paths[1], paths[2], n
 
 
 def models(size: str, synthetic: bool = False) -> tuple[Path, Path, Path, int]:
+    if size in MOE_SIZES:
+        return moe_models(size)
     h, n, i, v, heads, kv = SIZES[size]
     kw = dict(
         num_layers=n, hidden_size=h, intermediate_size=i, vocab_size=v, num_heads=heads, num_kv_heads=kv
@@ -60,7 +86,8 @@ def models(size: str, synthetic: bool = False) -> tuple[Path, Path, Path, int]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small models, one run each")
-    p.add_argument("--size", choices=sorted(SIZES), default=None)
+    p.add_argument("--size", choices=sorted(SIZES) + sorted(MOE_SIZES), default=None,
+                   help="model size; the 8x... sizes are Mixtral-shaped MoE inputs (8 experts per layer)")  # fmt: skip
     p.add_argument("--method", choices=method_configs.methods(), default="slerp")
     p.add_argument("--runs", type=int, default=None, help="runs per tool (default 3, quick 1)")
     p.add_argument(

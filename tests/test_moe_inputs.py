@@ -62,15 +62,32 @@ out_dtype: bfloat16
 """
 
 
+TIES = """
+models:
+  - model: {b}
+    parameters:
+      weight: 0.7
+      density:
+        - filter: experts
+          value: 0.4
+        - value: 0.8
+merge_method: ties
+base_model: {a}
+dtype: bfloat16
+"""
+
+CONFIGS = {"slerp": SLERP, "linear": LINEAR, "ties": TIES}
+
+
 @pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe"])
 @pytest.mark.parametrize("layouts", [("experts", "experts"), ("fused", "fused"), ("experts", "fused")])
-@pytest.mark.parametrize("config", ["slerp", "linear"])
+@pytest.mark.parametrize("config", ["slerp", "linear", "ties"])
 def test_moe_inputs_match_mergekit(moe, tmp_path, arch, layouts, config):
     a, b = moe[f"{arch}-{layouts[0]}-1"], moe[f"{arch}-{layouts[1]}-2"]
-    cfg = (SLERP if config == "slerp" else LINEAR).format(a=a, b=b)
+    cfg = CONFIGS[config].format(a=a, b=b)
     ours = run_ours(cfg, tmp_path / "ours", "--verify", "all")
     theirs = run_mergekit(cfg, tmp_path / "theirs")
-    assert_same_model(ours, theirs, slerp_inputs=None if config == "linear" else (a, b))
+    assert_same_model(ours, theirs, slerp_inputs=(a, b) if config == "slerp" else None)
     names = read_model(ours)
     assert any(n.endswith("mlp.experts.gate_up_proj") for n in names)  # the fused layout, as mergekit writes
     assert not any(".experts.0." in n for n in names)
