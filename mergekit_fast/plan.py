@@ -409,19 +409,7 @@ def build_plan(
     different sizes are cut to the smallest, without a tokenizer).
     Raises ConfigError (or ModelError from opening a model) before any tensor data is read.
     """
-    given = {normalize_model_path(k, config.base_dir): v for k, v in (sources or {}).items()}
-    opened: dict[str, ModelSource] = {}
-    indexes: dict[str, _ModelIndex] = {}
-    for key in config.referenced_models():
-        where = config.where(key)
-        src = given.get(key)
-        if src is None:
-            try:
-                src = ModelSource.open(key)
-            except ModelError as exc:
-                raise ConfigError(f"{where}: {exc}") from None
-        opened[key] = src
-        indexes[key] = _ModelIndex.build(key, src, where)
+    opened, indexes = _open_models(config, sources)
 
     definition = _definition(list(indexes.values()), allow_crimes)
     if definition.inferred and (config.tokenizer is not None or unsafe_truncate_embeddings):
@@ -430,27 +418,7 @@ def build_plan(
     layout = _Layout(definition, indexes)
     for key in indexes:
         layout.check_layer_counts(key)
-    what = f"the model ({definition.family or 'inferred layout'})"
-    module_slices = config.module_slices(definition.module_names, layout.num_layers, what=what)
-    for mod, slices in module_slices.items():
-        for s in slices:
-            if len({src.length for src in s.sources}) > 1:
-                counts = ", ".join(f"{src.model}: {src.length}" for src in s.sources)
-                raise ConfigError(
-                    f"{s.where}: all inputs of a slice must have the same number of layers; got {counts}"
-                )
-            for src in s.sources:
-                n = layout.num_layers(src.model, mod)
-                if src.end > n:
-                    raise ConfigError(
-                        f"{src.where}.layer_range: [{src.start}, {src.end}] goes past the last layer of "
-                        f"{src.model}, which has {n} layers"
-                        + (
-                            ""
-                            if len(module_slices) == 1 and len(definition.modules) == 1
-                            else f" in module {mod}"
-                        )
-                    )
+    module_slices = _module_slices(config, definition, layout)
 
     donor = config.donor_model()
     vocab = None
@@ -478,19 +446,7 @@ def build_plan(
             "cannot be re-indexed to the new vocabulary (mergekit would leave them as they are)"
         )
 
-    settings: dict[str, int] = {}
-    for mod, n in configured.items():
-        mdef = layout.modules[mod].d
-        key = mdef.num_layers_config_key
-        if key is None and layout.single_inferred:
-            key = _layer_key(indexes[donor].config)  # mergekit leaves it; see the module docstring
-        if key is None:
-            if n > 0:
-                LOG.warning("module %s has no config key for its number of layers; %d is not written", mod, n)
-            continue
-        settings[key] = n
-    if vocab is not None:
-        settings[definition.vocab_size_config_key or "vocab_size"] = vocab.size
+    settings = _layer_settings(configured, layout, indexes[donor], vocab, definition)
     out_config = _out_config(
         opened[donor],
         config.out_dtype or config.dtype,
@@ -524,6 +480,73 @@ def build_plan(
         architecture=definition.family,
         extra_inputs=tuple(extra_inputs),
     )
+
+
+def _open_models(config: MergeConfig, sources) -> tuple[dict[str, ModelSource], dict[str, _ModelIndex]]:
+    """Every model the config names, opened (headers only) and indexed; ``sources`` are already open."""
+    given = {normalize_model_path(k, config.base_dir): v for k, v in (sources or {}).items()}
+    opened: dict[str, ModelSource] = {}
+    indexes: dict[str, _ModelIndex] = {}
+    for key in config.referenced_models():
+        where = config.where(key)
+        src = given.get(key)
+        if src is None:
+            try:
+                src = ModelSource.open(key)
+            except ModelError as exc:
+                raise ConfigError(f"{where}: {exc}") from None
+        opened[key] = src
+        indexes[key] = _ModelIndex.build(key, src, where)
+    return opened, indexes
+
+
+def _module_slices(
+    config: MergeConfig, definition: Definition, layout: _Layout
+) -> dict[str, list[SliceSpec]]:
+    """The config's slices per module of the layout, with their layer ranges checked against the models."""
+    what = f"the model ({definition.family or 'inferred layout'})"
+    module_slices = config.module_slices(definition.module_names, layout.num_layers, what=what)
+    for mod, slices in module_slices.items():
+        for s in slices:
+            if len({src.length for src in s.sources}) > 1:
+                counts = ", ".join(f"{src.model}: {src.length}" for src in s.sources)
+                raise ConfigError(
+                    f"{s.where}: all inputs of a slice must have the same number of layers; got {counts}"
+                )
+            for src in s.sources:
+                n = layout.num_layers(src.model, mod)
+                if src.end > n:
+                    raise ConfigError(
+                        f"{src.where}.layer_range: [{src.start}, {src.end}] goes past the last layer of "
+                        f"{src.model}, which has {n} layers"
+                        + (
+                            ""
+                            if len(module_slices) == 1 and len(definition.modules) == 1
+                            else f" in module {mod}"
+                        )
+                    )
+
+    return module_slices
+
+
+def _layer_settings(
+    configured: dict[str, int], layout: _Layout, donor: _ModelIndex, vocab, definition
+) -> dict:
+    """The config.json keys the output sets: each module's layer count, and the merged vocabulary's size."""
+    settings: dict[str, int] = {}
+    for mod, n in configured.items():
+        mdef = layout.modules[mod].d
+        key = mdef.num_layers_config_key
+        if key is None and layout.single_inferred:
+            key = _layer_key(donor.config)  # mergekit leaves it; see the module docstring
+        if key is None:
+            if n > 0:
+                LOG.warning("module %s has no config key for its number of layers; %d is not written", mod, n)
+            continue
+        settings[key] = n
+    if vocab is not None:
+        settings[definition.vocab_size_config_key or "vocab_size"] = vocab.size
+    return settings
 
 
 def _with_vocabulary_axes(d: Definition, ix: _ModelIndex, trust_remote_code: bool) -> Definition:
