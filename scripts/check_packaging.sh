@@ -152,8 +152,10 @@ log "fresh virtualenv $P: $TORCH_SPEC first, alone"
 fresh_venv "$P"
 TV=$(torch_version "$P")
 log "MERGEKIT_FAST_SKIP_NATIVE=1 pip install $(basename "$SDIST")[hf] (isolated build)"
+# The #sha256 fragment keys pip's wheel cache by the sdist's contents: without it, a second run with the
+# same path installed the wheel pip built from an earlier sdist.
 quiet "$P.install.log" env MERGEKIT_FAST_SKIP_NATIVE=1 "$P/bin/python" -m pip install \
-  "mergekit_fast[hf] @ file://$SDIST" pytest hypothesis "transformers>=5,<6"
+  "mergekit_fast[hf] @ file://$SDIST#sha256=$(sha256sum "$SDIST" | cut -d' ' -f1)" pytest hypothesis "transformers>=5,<6"
 [ "$(torch_version "$P")" = "$TV" ] || fail "installing the sdist replaced torch $TV"
 cd "$WORK"
 "$P/bin/python" -m mergekit_fast.info | sed 's/^/    /'
