@@ -27,14 +27,14 @@ from pathlib import Path
 
 from mergekit_fast import dtypes
 from mergekit_fast.dtypes import DType
+from mergekit_fast.io import kernel
 
 # safetensors dtype codes -> dtypes (DType compares equal to the torch dtype of the same name).
 DTYPES: dict[str, DType] = dtypes.BY_CODE
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
-# Linux values; Python 3.11 lacks the names.
-_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
-_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
+_MADV_POPULATE_READ = kernel.MADV_POPULATE_READ
+_MADV_POPULATE_WRITE = kernel.MADV_POPULATE_WRITE
 MAX_DIMS = 32
 
 
@@ -149,6 +149,12 @@ class ShardReader:
         size = os.fstat(self._file.fileno()).st_size
         self._mm = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if size else None
         self._base: int | None = None
+        self._advise_base: int | None | bool = False  # False: not looked up yet
+
+    def _madvise(self, advice: int, start: int, end: int) -> None:
+        if self._advise_base is False:
+            self._advise_base = kernel.buffer_address(self._mm)
+        kernel.madvise(self._mm, self._advise_base, advice, start, end)
 
     def _check(self, info: TensorInfo) -> None:
         if info.end > len(self._mm):
@@ -180,6 +186,7 @@ class ShardReader:
             from mergekit_fast import _native
 
             self._base = _native.C.address(self._mm)
+            self._advise_base = self._base
         return self._base + info.start
 
     def read(self, name: str):
@@ -192,7 +199,7 @@ class ShardReader:
         info = self.tensors[name]
         if self._mm is None or info.nbytes == 0:
             return
-        _madvise(self._mm, _MADV_POPULATE_READ, info.start, info.end)
+        self._madvise(_MADV_POPULATE_READ, info.start, info.end)
 
     def willneed(self, name: str) -> int:
         """Ask the kernel to start reading the tensor's bytes now (posix_fadvise WILLNEED); returns
@@ -220,21 +227,21 @@ class ShardReader:
         """``prefault`` for bytes [lo, hi) of the tensor only."""
         info = self.tensors[name]
         if self._mm is not None and hi > lo:
-            _madvise(self._mm, _MADV_POPULATE_READ, info.start + lo, info.start + hi)
+            self._madvise(_MADV_POPULATE_READ, info.start + lo, info.start + hi)
 
     def release_range(self, name: str, lo: int, hi: int) -> None:
         """``release`` for bytes [lo, hi) of the tensor only (whole pages inside the range, plus the pages
         the range shares with its neighbours: a page dropped early is simply read again)."""
         info = self.tensors[name]
         if self._mm is not None and hi > lo:
-            _madvise(self._mm, mmap.MADV_DONTNEED, info.start + lo, info.start + hi)
+            self._madvise(kernel.MADV_DONTNEED, info.start + lo, info.start + hi)
 
     def release(self, name: str) -> None:
         """Drop the tensor's pages from this process (they stay in the page cache)."""
         info = self.tensors[name]
         if self._mm is None or info.nbytes == 0:
             return
-        _madvise(self._mm, mmap.MADV_DONTNEED, info.start, info.end)
+        self._madvise(kernel.MADV_DONTNEED, info.start, info.end)
 
     def close(self) -> None:
         if self._mm is not None:
@@ -251,20 +258,6 @@ class ShardReader:
 
     def __exit__(self, *exc):
         self.close()
-
-
-def _page_range(mm: mmap.mmap, start: int, end: int) -> tuple[int, int]:
-    page = mmap.PAGESIZE
-    first = start // page * page
-    return first, min(len(mm), -(-end // page) * page) - first
-
-
-def _madvise(mm: mmap.mmap, advice: int, start: int, end: int) -> None:
-    """madvise over the pages of [start, end); a no-op where the kernel lacks the advice."""
-    try:
-        mm.madvise(advice, *_page_range(mm, start, end))
-    except (AttributeError, OSError, ValueError):
-        pass
 
 
 def _preallocate(fd: int, size: int) -> bool:
@@ -336,8 +329,7 @@ class ShardWriter:
             self._mm = mmap.mmap(self._fd, self.size)
             self._base = _native.C.address(self._mm)
         start, end = self.offsets[name]
-        if end > start:
-            _madvise(self._mm, _MADV_POPULATE_WRITE, start, end)
+        kernel.madvise(self._mm, self._base, _MADV_POPULATE_WRITE, start, end)
         return self._base + start
 
     def peek(self, name: str, nbytes: int) -> bytes:
@@ -349,8 +341,7 @@ class ShardWriter:
         """Tensor ``name`` was written through ``target``: count it, and drop its pages from this
         process (the page cache keeps and writes them back)."""
         start, end = self.offsets[name]
-        if end > start:
-            _madvise(self._mm, mmap.MADV_DONTNEED, start, end)
+        kernel.madvise(self._mm, self._base, kernel.MADV_DONTNEED, start, end)
         self.written.add(name)
         return end - start
 
