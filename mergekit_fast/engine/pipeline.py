@@ -121,6 +121,8 @@ class Pipeline:
         finally:
             write_q.put(None)
             lt.join()
+            if self.read_ahead is not None:
+                self.read_ahead.close()
             wt.join()
             self.on_abort()
         if self.error is not None:
