@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from io_trace import block_device  # noqa: F401 - used here, and by the benchmarks
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -148,28 +149,104 @@ def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, int]:
 
 
 def alternate(tools: dict[str, tuple[list[str], Path]], runs: int, warmup: int = 1, env: dict | None = None,
-              after=None) -> dict[str, list[tuple[float, int]]]:  # fmt: skip
+              after=None, before=None, timed_sync: bool = False,
+              disk: Path | None = None) -> dict[str, list[tuple]]:  # fmt: skip
     """Run each tool's command ``runs`` times, alternating between the tools, each in a fresh process;
-    {tool: [(seconds, peak RSS bytes)]}. ``tools`` maps a name to (command, its output directory),
-    which is removed before every run. ``warmup`` untimed runs per tool come first (the first run
-    after a pause is often slow for either tool: page cache, CPU clocks). Every run starts after a
-    sync(), so no tool is throttled for the dirty pages the previous run left behind (1.8 GB of
+    {tool: [(seconds, peak RSS bytes, extras)]}. ``tools`` maps a name to (command, its output
+    directory), which is removed before every run. ``warmup`` untimed runs per tool come first (the
+    first run after a pause is often slow for either tool: page cache, CPU clocks). Every run starts
+    after a sync(), so no tool is throttled for the dirty pages the previous run left behind (1.8 GB of
     output each; the kernel slows writers down once dirty pages pass its thresholds). The page
-    cache stays warm. ``after(tool, out)`` is called after each timed run."""
-    results: dict[str, list[tuple[float, int]]] = {t: [] for t in tools}
+    cache stays warm unless ``before()`` (called after that sync, just before each run) evicts
+    something. ``timed_sync``: the sync() right after each run is timed too (the output's bytes still
+    in the page cache when the tool exits), extras["sync_s"]. ``disk``: the block device holding this
+    path is sampled during each run (extras: its busy fraction and read/write bytes, DiskMonitor).
+    ``after(tool, out)`` is called after each timed run."""
+    results: dict[str, list[tuple]] = {t: [] for t in tools}
     for r in range(-warmup, runs):
         for tool, (cmd, out) in tools.items():
             for _, other in tools.values():
                 shutil.rmtree(other, ignore_errors=True)
             os.sync()
+            if before is not None:
+                before()
+            mon = DiskMonitor(disk) if disk is not None else None
+            if mon is not None:
+                mon.start()
             sec, rss = run_measured(cmd, env=env)
+            extras: dict = mon.stop() if mon is not None else {}
+            if timed_sync:
+                t0 = time.perf_counter()
+                os.sync()
+                extras["sync_s"] = time.perf_counter() - t0
             label = "warm-up" if r < 0 else f"run {r + 1}/{runs}"
-            print(f"{label:9s} {tool:14s} {sec:8.2f} s  peak RSS {rss / 2**30:6.2f} GiB", flush=True)
+            more = "".join(
+                f"  {k} {v:.2f}" if isinstance(v, float) else ""
+                for k, v in extras.items()
+                if not k.endswith("_bytes")
+            )
+            print(f"{label:9s} {tool:14s} {sec:8.2f} s  peak RSS {rss / 2**30:6.2f} GiB{more}", flush=True)
             if r >= 0:
-                results[tool].append((sec, rss))
+                results[tool].append((sec, rss, extras))
                 if after is not None:
                     after(tool, out)
     return results
+
+
+def evict(paths) -> int:
+    """Drop these files' clean pages from the page cache (posix_fadvise DONTNEED), so the next run reads
+    them from the disk: a cold start for these files without touching anyone else's cache (dirty pages
+    stay: sync first). Returns the bytes of the files evicted."""
+    total = 0
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            total += os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+    return total
+
+
+def drop_caches() -> bool:
+    """sync, then drop the whole page cache (root only; every process on the machine loses its cache):
+    False where refused."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+class DiskMonitor:
+    """Samples /proc/diskstats for one disk while a run goes: bytes read and written, and the fraction
+    of the run's wall time the disk had at least one request in flight (its io_ticks, as iostat's %util;
+    on a virtual disk "busy" means requests queued, not that the device was saturated)."""
+
+    def __init__(self, path: Path):
+        self.dev = block_device(path)
+
+    def _read(self) -> tuple[int, int, int] | None:
+        if self.dev is None:
+            return None
+        for line in Path("/proc/diskstats").read_text().splitlines():
+            f = line.split()
+            if len(f) > 12 and f[2] == self.dev:
+                return int(f[5]) * 512, int(f[9]) * 512, int(f[12])  # sectors read, written; io_ticks ms
+        return None
+
+    def start(self) -> None:
+        self.t0 = time.perf_counter()
+        self.s0 = self._read()
+
+    def stop(self) -> dict:
+        s1 = self._read()
+        dt = time.perf_counter() - self.t0
+        if self.s0 is None or s1 is None:
+            return {}
+        return {"disk_busy": (s1[2] - self.s0[2]) / 1e3 / dt, "disk_read_bytes": s1[0] - self.s0[0],
+                "disk_write_bytes": s1[1] - self.s0[1]}  # fmt: skip
 
 
 def cached_model(name: str, **kw) -> Path:

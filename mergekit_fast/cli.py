@@ -252,7 +252,8 @@ def _run_config(config_source, out: str, args) -> int:
     opt = _options(args)
     with _executor(args) as executor:
         plan = build_plan(config, allow_crimes=opt.allow_crimes, trust_remote_code=opt.trust_remote_code,
-                          unsafe_truncate_embeddings=getattr(args, "unsafe_truncate_embeddings", False))  # fmt: skip
+                          unsafe_truncate_embeddings=getattr(args, "unsafe_truncate_embeddings", False),
+                          defer_config=True)  # fmt: skip
         result = run_merge(plan, out, opt, started=_T0, phases={"plan": time.perf_counter() - t0},
                            executor=executor)  # fmt: skip
     if not args.quiet:

@@ -119,6 +119,52 @@ class MergePlan:
     architecture: str = ""  # the definition used ("" when inferred), for messages
     extra_inputs: tuple[str, ...] = ()  # other directories the merge reads (a tokenizer's model)
 
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_out_config"] = self.out_config  # a deferred config is computed before it travels
+        return state
+
+
+def _get_out_config(self) -> dict:
+    value = self.__dict__["_out_config"]
+    if isinstance(value, DeferredConfig):
+        value = self.__dict__["_out_config"] = value.result()
+    return value
+
+
+def _set_out_config(self, value) -> None:
+    self.__dict__["_out_config"] = value
+
+
+# The output config.json may still be being computed when the plan is returned (DeferredConfig: a
+# donor's config normalised through transformers, whose import takes seconds, overlapped with the
+# merge); reading plan.out_config waits for it. Set after the class so the dataclass keeps the field.
+MergePlan.out_config = property(_get_out_config, _set_out_config)  # type: ignore[assignment]
+
+
+class DeferredConfig:
+    """A config computed on a background thread: ``result()`` waits for it (and raises its error)."""
+
+    def __init__(self, fn):
+        import threading
+
+        self._value: dict | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn,), name="mkf-out-config", daemon=True)
+        self._thread.start()
+
+    def _run(self, fn) -> None:
+        try:
+            self._value = fn()
+        except BaseException as exc:  # noqa: BLE001 - raised by result()
+            self._error = exc
+
+    def result(self) -> dict:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
 
 _DROPPED_SUFFIX = "rotary_emb.inv_freq"  # non-persistent buffer in old checkpoints; mergekit drops it
 
@@ -398,6 +444,7 @@ def build_plan(
     use_transformers: bool | None = None,
     trust_remote_code: bool = False,
     unsafe_truncate_embeddings: bool = False,
+    defer_config: bool = False,
 ) -> MergePlan:
     """Plan the merge described by `config`.
 
@@ -407,6 +454,11 @@ def build_plan(
     when transformers is importable; False: edit config.json's dict directly).
     unsafe_truncate_embeddings: mergekit's --unsafe-truncate-embeddings (vocabulary tensors of
     different sizes are cut to the smallest, without a tokenizer).
+    defer_config: where use_transformers is None and the donor's config.json must go through
+    transformers (not saved by the installed version), do that on a background thread: the plan comes
+    back at once, and ``plan.out_config`` waits for it (the CLI reads it only once the weights are
+    written, so transformers' import overlaps the merge). A failure there falls back to the dict, as
+    without deferral.
     Raises ConfigError (or ModelError from opening a model) before any tensor data is read.
     """
     opened, indexes = _open_models(config, sources)
@@ -453,6 +505,7 @@ def build_plan(
         settings,
         use_transformers=use_transformers,
         trust_remote_code=trust_remote_code,
+        defer=defer_config,
     )
 
     tok_out = None
@@ -858,7 +911,8 @@ def _out_config(
     *,
     use_transformers: bool | None,
     trust_remote_code: bool = False,
-) -> dict:
+    defer: bool = False,
+) -> dict | DeferredConfig:
     """The config.json mergekit writes: the donor's config with dtype, layer counts and vocabulary size set.
 
     mergekit loads it with transformers' AutoConfig, sets `torch_dtype` (out_dtype, else dtype), the
@@ -878,6 +932,10 @@ def _out_config(
     if use_transformers is None and _saved_by_installed_transformers(donor.config) and in_dict:
         # transformers would load and save this file unchanged: skip its ~2 s import.
         use_transformers = False
+    if use_transformers is None and defer:
+        # transformers' import (2 to 4 s, torch's included) on a background thread, off the critical path
+        return DeferredConfig(lambda: _out_config(donor, dtype_name, settings, use_transformers=None,
+                                                  trust_remote_code=trust_remote_code))  # fmt: skip
     if use_transformers is not False:
         try:
             import transformers

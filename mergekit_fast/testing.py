@@ -19,6 +19,7 @@ Typical use in a test module:
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -264,11 +265,18 @@ def make_synthetic_model(
     num_kv_heads: int = 2,
     dtype: torch.dtype = torch.bfloat16,
     seed: int = 0,
+    max_shard_size: int | None = None,
 ) -> Path:
     """A random Mistral-shaped checkpoint written with torch and our own writer only (no transformers):
     config.json plus model.safetensors with the tensor names and shapes transformers uses. For
     benchmarks and the GPU check, where building a model through transformers is too slow or
-    transformers is not installed. Values are N(0, 0.02), tensor by tensor, so memory stays small.
+    transformers is not installed. Values are N(0, 0.02), tensor by tensor, so memory stays small
+    (one tensor at a time: a 7B model needs well under 1 GB).
+
+    ``max_shard_size`` (bytes) writes the checkpoint the way ``save_pretrained`` shards one: the tensors
+    in module order (embeddings, layer 0, 1, ..., final norm, lm_head) cut into
+    ``model-0000i-of-0000n.safetensors`` files of at most that many bytes (a larger tensor alone), names
+    sorted within each file, and ``model.safetensors.index.json``; the values are the same as unsharded.
     """
     from mergekit_fast.io.safetensors import ShardWriter
 
@@ -290,15 +298,36 @@ def make_synthetic_model(
             p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h), p + "mlp.down_proj.weight": (h, i),
         })  # fmt: skip
     gen = torch.Generator().manual_seed(seed)
-    writer = ShardWriter(path / "model.safetensors", [(n, dtype, s) for n, s in sorted(shapes.items())],
-                         metadata={"format": "pt"})  # fmt: skip
-    for name, shape in sorted(shapes.items()):
-        if name.endswith("norm.weight"):
-            value = 1.0 + 0.1 * torch.randn(shape, generator=gen)
-        else:
-            value = 0.02 * torch.randn(shape, generator=gen)
-        writer.write(name, value.to(dtype))
-    writer.close()
+    groups = _synthetic_shards(shapes, num_layers, dtype, max_shard_size)
+    names = ["model.safetensors"] if len(groups) == 1 else [
+        f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]  # fmt: skip
+    writers = {}
+    try:
+        for fname, group in zip(names, groups):
+            w = ShardWriter(
+                path / fname, [(n, dtype, shapes[n]) for n in sorted(group)], metadata={"format": "pt"}
+            )
+            writers.update((n, w) for n in group)
+        for name, shape in sorted(shapes.items()):  # the same draws whatever the sharding
+            if name.endswith("norm.weight"):
+                value = 1.0 + 0.1 * torch.randn(shape, generator=gen)
+            else:
+                value = torch.randn(shape, generator=gen).mul_(0.02)  # in place: the same values, no copy
+            writers[name].write(name, value.to(dtype))
+            del value
+        for w in {id(w): w for w in writers.values()}.values():
+            w.close()
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
+    if len(groups) > 1:
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        index = {
+            "metadata": {"total_size": sum(math.prod(s) for s in shapes.values()) * itemsize},
+            "weight_map": {n: fname for fname, group in zip(names, groups) for n in sorted(group)},
+        }
+        (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     config = {
         "architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_size": h,
         "intermediate_size": i, "num_hidden_layers": num_layers, "num_attention_heads": num_heads,
@@ -309,6 +338,27 @@ def make_synthetic_model(
     }  # fmt: skip
     (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return path
+
+
+def _synthetic_shards(shapes: dict, num_layers: int, dtype, max_shard_size: int | None) -> list[list[str]]:
+    """The tensors of each shard, in module order as save_pretrained cuts them (one group unsharded)."""
+    if max_shard_size is None:
+        return [list(shapes)]
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    order = ["model.embed_tokens.weight"]
+    for layer in range(num_layers):
+        order += sorted(n for n in shapes if n.startswith(f"model.layers.{layer}."))
+    order += ["model.norm.weight", "lm_head.weight"]
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name in order:
+        nbytes = math.prod(shapes[name]) * itemsize
+        if groups[-1] and size + nbytes > max_shard_size:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += nbytes
+    return groups
 
 
 def slerp_gradient_config(a: str | Path, b: str | Path, num_layers: int, dtype: str = "bfloat16") -> str:

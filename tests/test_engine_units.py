@@ -218,3 +218,39 @@ def test_shards_written_separately_equal_one_run(tmp_path):
     assert odd.bytes_written + even.bytes_written == full.bytes_written == layout.total
     for name in layout.names:
         assert (whole / name).read_bytes() == (parts / name).read_bytes(), name
+
+
+def test_read_ahead_and_write_behind_change_no_byte(tmp_path):
+    """The IO hints (read-ahead threads, write-behind with sync_file_range, its waits and page drops) only
+    change timing: every strategy (native in place, torch + pwrite, file-to-file copy, streamed chunks)
+    writes the same bytes with them at their most aggressive as with them off."""
+    from mergekit_fast.config import parse_config
+    from mergekit_fast.engine import MergeOptions, run_merge
+    from mergekit_fast.plan import build_plan
+    from mergekit_fast.testing import make_synthetic_model
+
+    a = make_synthetic_model(tmp_path / "a", seed=1, num_layers=3)
+    b = make_synthetic_model(tmp_path / "b", seed=2, num_layers=3)
+    configs = {
+        "slerp": f"models:\n  - model: {a}\n  - model: {b}\nmerge_method: slerp\nbase_model: {a}\nparameters: {{t: 0.3}}\n",
+        "linear_f32": f"models:\n  - model: {a}\n    parameters: {{weight: 0.7}}\n  - model: {b}\n    parameters: {{weight: 0.3}}\n"
+        "merge_method: linear\nout_dtype: float32\n",
+        "passthrough": f"slices:\n  - sources:\n      - {{model: {a}, layer_range: [0, 2]}}\n  - sources:\n      - {{model: {b}, layer_range: [1, 3]}}\n"
+        "merge_method: passthrough\n",
+    }
+    off = {"read_ahead": 0, "write_behind": 0}
+    hard = {"read_ahead": 1, "write_behind": 1}  # wait for every tensor's write-back but the last
+    for name, text in configs.items():
+        for extra in ({}, {"max_memory": 64 << 10}):  # the second streams the larger tensors in chunks
+            outs = []
+            for io in (off, hard):
+                out = tmp_path / f"{name}-{len(extra)}-{io['write_behind']}"
+                opt = MergeOptions(
+                    out_shard_size=200_000, progress=False, write_model_card=False, **io, **extra
+                )
+                run_merge(build_plan(parse_config(text), use_transformers=False), out, opt)
+                outs.append(out)
+            files = sorted(p.name for p in outs[0].iterdir())
+            assert files == sorted(p.name for p in outs[1].iterdir()) and len(files) > 2
+            for f in files:
+                assert (outs[0] / f).read_bytes() == (outs[1] / f).read_bytes(), (name, extra, f)

@@ -627,3 +627,23 @@ def test_known_architectures_match_mergekit_definitions():
             continue  # phi-1's embeddings and head are themselves numbered layers
         for name in arch.architectures:
             assert name in KNOWN_ARCHITECTURES or name in MOE_ARCHITECTURES, name
+
+
+def test_deferred_out_config_equals_the_direct_one(tmp_path):
+    """defer_config (the CLI's): the donor's config goes through transformers on a background thread; the
+    plan's out_config is the one computed directly, and a plan that travels (pickled) carries it."""
+    import pickle
+
+    from mergekit_fast.plan import DeferredConfig
+    from mergekit_fast.testing import make_synthetic_model
+
+    a = make_synthetic_model(tmp_path / "a", seed=1, num_layers=2)  # no transformers_version: normalised
+    text = f"merge_method: passthrough\nslices:\n  - sources:\n      - {{model: {a}, layer_range: [0, 1]}}\ndtype: float16\n"
+    direct = build_plan(parse_config(text))
+    deferred = build_plan(parse_config(text), defer_config=True)
+    assert isinstance(deferred.__dict__["_out_config"], DeferredConfig)
+    assert "transformers_version" in direct.out_config  # went through transformers
+    assert deferred.out_config == direct.out_config
+    assert not isinstance(deferred.__dict__["_out_config"], DeferredConfig)  # resolved once
+    again = pickle.loads(pickle.dumps(build_plan(parse_config(text), defer_config=True)))
+    assert again.out_config == direct.out_config and again.out_config["num_hidden_layers"] == 1

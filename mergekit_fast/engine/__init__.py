@@ -63,7 +63,8 @@ class MergeOptions:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     out_shard_size: int = 5_000_000_000  # bytes, as mergekit (decimal 5B)
     max_memory: int = 4 << 30  # bytes of buffers in flight
-    read_ahead: int = 512 << 20  # bytes of input asked to be read ahead
+    read_ahead: int = 512 << 20  # bytes of input asked to be read ahead (staging.ReadAhead)
+    write_behind: int = 256 << 20  # bytes of output written back at most in flight (ShardWriter); 0: off
     copy_tokenizer: bool = True
     write_model_card: bool = True
     force: bool = False  # replace an existing OUT that looks like a merge output
@@ -320,7 +321,9 @@ def write_shards(plan: MergePlan, layout: ShardLayout, tmp: Path, opt: MergeOpti
             fname, ts = layout.names[i], layout.shards[i]
             entries = [(t.name, t.out_dtype, tuple(t.shape)) for t in ts]
             try:
-                w = ShardWriter(tmp / fname, entries, metadata={"format": "pt"})
+                w = ShardWriter(
+                    tmp / fname, entries, metadata={"format": "pt"}, write_behind=opt.write_behind
+                )
             except OSError as exc:
                 raise MergeError(f"{tmp / fname}: cannot create the shard ({exc.strerror})") from None
             shard_writers.append(w)

@@ -14,6 +14,7 @@ data; offsets are relative to the end of the header.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import json
@@ -27,14 +28,14 @@ from pathlib import Path
 
 from mergekit_fast import dtypes
 from mergekit_fast.dtypes import DType
+from mergekit_fast.io import kernel
 
 # safetensors dtype codes -> dtypes (DType compares equal to the torch dtype of the same name).
 DTYPES: dict[str, DType] = dtypes.BY_CODE
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
-# Linux values; Python 3.11 lacks the names.
-_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
-_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
+_MADV_POPULATE_READ = kernel.MADV_POPULATE_READ
+_MADV_POPULATE_WRITE = kernel.MADV_POPULATE_WRITE
 MAX_DIMS = 32
 
 
@@ -149,6 +150,12 @@ class ShardReader:
         size = os.fstat(self._file.fileno()).st_size
         self._mm = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if size else None
         self._base: int | None = None
+        self._advise_base: int | None | bool = False  # False: not looked up yet
+
+    def _madvise(self, advice: int, start: int, end: int) -> None:
+        if self._advise_base is False:
+            self._advise_base = kernel.buffer_address(self._mm)
+        kernel.madvise(self._mm, self._advise_base, advice, start, end)
 
     def _check(self, info: TensorInfo) -> None:
         if info.end > len(self._mm):
@@ -180,6 +187,7 @@ class ShardReader:
             from mergekit_fast import _native
 
             self._base = _native.C.address(self._mm)
+            self._advise_base = self._base
         return self._base + info.start
 
     def read(self, name: str):
@@ -192,7 +200,7 @@ class ShardReader:
         info = self.tensors[name]
         if self._mm is None or info.nbytes == 0:
             return
-        _madvise(self._mm, _MADV_POPULATE_READ, info.start, info.end)
+        self._madvise(_MADV_POPULATE_READ, info.start, info.end)
 
     def willneed(self, name: str) -> int:
         """Ask the kernel to start reading the tensor's bytes now (posix_fadvise WILLNEED); returns
@@ -201,6 +209,12 @@ class ShardReader:
         with contextlib.suppress(OSError, AttributeError):
             os.posix_fadvise(self._file.fileno(), info.start, info.nbytes, os.POSIX_FADV_WILLNEED)
         return info.nbytes
+
+    def willneed_range(self, name: str, lo: int, hi: int) -> None:
+        """``willneed`` for bytes [lo, hi) of the tensor only."""
+        info = self.tensors[name]
+        if hi > lo:
+            kernel.fadvise(self._file.fileno(), info.start + lo, hi - lo, os.POSIX_FADV_WILLNEED)
 
     def raw(self, name: str) -> memoryview:
         """The tensor's bytes, zero-copy, read-only (a view of the mapping; valid until ``close``)."""
@@ -220,21 +234,21 @@ class ShardReader:
         """``prefault`` for bytes [lo, hi) of the tensor only."""
         info = self.tensors[name]
         if self._mm is not None and hi > lo:
-            _madvise(self._mm, _MADV_POPULATE_READ, info.start + lo, info.start + hi)
+            self._madvise(_MADV_POPULATE_READ, info.start + lo, info.start + hi)
 
     def release_range(self, name: str, lo: int, hi: int) -> None:
         """``release`` for bytes [lo, hi) of the tensor only (whole pages inside the range, plus the pages
         the range shares with its neighbours: a page dropped early is simply read again)."""
         info = self.tensors[name]
         if self._mm is not None and hi > lo:
-            _madvise(self._mm, mmap.MADV_DONTNEED, info.start + lo, info.start + hi)
+            self._madvise(kernel.MADV_DONTNEED, info.start + lo, info.start + hi)
 
     def release(self, name: str) -> None:
         """Drop the tensor's pages from this process (they stay in the page cache)."""
         info = self.tensors[name]
         if self._mm is None or info.nbytes == 0:
             return
-        _madvise(self._mm, mmap.MADV_DONTNEED, info.start, info.end)
+        self._madvise(kernel.MADV_DONTNEED, info.start, info.end)
 
     def close(self) -> None:
         if self._mm is not None:
@@ -251,20 +265,6 @@ class ShardReader:
 
     def __exit__(self, *exc):
         self.close()
-
-
-def _page_range(mm: mmap.mmap, start: int, end: int) -> tuple[int, int]:
-    page = mmap.PAGESIZE
-    first = start // page * page
-    return first, min(len(mm), -(-end // page) * page) - first
-
-
-def _madvise(mm: mmap.mmap, advice: int, start: int, end: int) -> None:
-    """madvise over the pages of [start, end); a no-op where the kernel lacks the advice."""
-    try:
-        mm.madvise(advice, *_page_range(mm, start, end))
-    except (AttributeError, OSError, ValueError):
-        pass
 
 
 def _preallocate(fd: int, size: int) -> bool:
@@ -306,10 +306,23 @@ def layout(entries: list[tuple[str, DType, tuple[int, ...]]], metadata: dict[str
 
 
 class ShardWriter:
-    """A safetensors file written out of order: header first, each tensor at its offset."""
+    """A safetensors file written out of order: header first, each tensor at its offset.
 
-    def __init__(self, path: str | os.PathLike, entries, metadata: dict[str, str] | None = None):
+    ``write_behind`` (bytes; 0: off): each tensor's bytes are handed to the disk as soon as they are
+    written (sync_file_range WRITE, which starts their write-back and returns), and once more than that many
+    bytes are in flight the oldest are waited for (WAIT_BEFORE | WRITE | WAIT_AFTER) and dropped from the
+    page cache (posix_fadvise DONTNEED: clean pages nobody reads again). The kernel's own write-back starts
+    only once dirty pages pass its background threshold (10% of memory), then throttles every writer and
+    competes with the reads in bursts; written behind, the output streams to the disk while the inputs
+    are read, dirty pages stay under ``write_behind``, and little is left to flush at the end. A hint
+    only: where sync_file_range is missing it does nothing, and the bytes written never change."""
+
+    def __init__(self, path: str | os.PathLike, entries, metadata: dict[str, str] | None = None,
+                 write_behind: int = 0):  # fmt: skip
         self.path = Path(path)
+        self.write_behind = write_behind if kernel.has_sync_file_range() else 0
+        self._in_flight: collections.deque[tuple[int, int]] = collections.deque()
+        self._in_flight_bytes = 0
         header, self.offsets, self.size = layout(entries, metadata)
         self._shapes = {name: (dtypes.of(dtype), tuple(shape)) for name, dtype, shape in entries}
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -336,8 +349,7 @@ class ShardWriter:
             self._mm = mmap.mmap(self._fd, self.size)
             self._base = _native.C.address(self._mm)
         start, end = self.offsets[name]
-        if end > start:
-            _madvise(self._mm, _MADV_POPULATE_WRITE, start, end)
+        kernel.madvise(self._mm, self._base, _MADV_POPULATE_WRITE, start, end)
         return self._base + start
 
     def peek(self, name: str, nbytes: int) -> bytes:
@@ -349,10 +361,24 @@ class ShardWriter:
         """Tensor ``name`` was written through ``target``: count it, and drop its pages from this
         process (the page cache keeps and writes them back)."""
         start, end = self.offsets[name]
-        if end > start:
-            _madvise(self._mm, mmap.MADV_DONTNEED, start, end)
+        kernel.madvise(self._mm, self._base, kernel.MADV_DONTNEED, start, end)
+        self._behind(start, end)
         self.written.add(name)
         return end - start
+
+    def _behind(self, start: int, end: int) -> None:
+        """Bytes [start, end) are written: start their write-back; wait for the oldest beyond the window."""
+        if not self.write_behind or end <= start or self._fd is None:
+            return
+        kernel.sync_file_range(self._fd, start, end - start, kernel.SYNC_FILE_RANGE_WRITE)
+        self._in_flight.append((start, end))
+        self._in_flight_bytes += end - start
+        while self._in_flight_bytes > self.write_behind and len(self._in_flight) > 1:
+            s, e = self._in_flight.popleft()
+            self._in_flight_bytes -= e - s
+            kernel.sync_file_range(self._fd, s, e - s, kernel.SYNC_FILE_RANGE_WAIT_BEFORE
+                                   | kernel.SYNC_FILE_RANGE_WRITE | kernel.SYNC_FILE_RANGE_WAIT_AFTER)  # fmt: skip
+            kernel.fadvise(self._fd, s, e - s, os.POSIX_FADV_DONTNEED)
 
     def write(self, name: str, tensor) -> int:
         """Write a torch tensor of the planned dtype and shape, or a buffer of exactly its bytes."""
@@ -380,6 +406,7 @@ class ShardWriter:
                 raise OSError(
                     exc.errno, f"{self.path}: writing tensor {name!r} failed: {exc.strerror}"
                 ) from None
+            self._behind(start, end)
         self.written.add(name)
         return end - start
 
@@ -420,6 +447,7 @@ class ShardWriter:
                         err.errno, f"{self.path}: writing tensor {name!r} failed: {err.strerror}"
                     ) from None
             pos += info.nbytes
+        self._behind(start, end)
         self.written.add(name)
         return end - start
 
@@ -439,6 +467,7 @@ class ShardWriter:
                 pos += os.pwrite(self._fd, mv[pos:], start + offset + pos)
         except OSError as exc:
             raise OSError(exc.errno, f"{self.path}: writing tensor {name!r} failed: {exc.strerror}") from None
+        self._behind(start + offset, start + offset + len(mv))
         done = self._partial.get(name, 0) + len(mv)
         self._partial[name] = done
         if done == end - start:
