@@ -159,6 +159,8 @@ def test_native_plan_refuses_what_it_does_not_serve():
     assert combine.native_plan("magnitude", {}, 10, 5, 2) is not None
     assert combine.native_plan("magnitude", {}, 10, 2, None) is not None
     assert combine.native_plan("magnitude", {}, 1 << 31, 2, 2) is not None
+    assert combine.native_plan("magnitude", {"rescale": True}, 10, 2, 3) is not None  # fp64
+    assert combine.native_plan("random", {"rescale": True}, 10, 2, 3) is None
     assert combine.native_plan("magnitude", {}, 10, 4, 2) is None
 
 
@@ -256,3 +258,54 @@ def test_engine_native_path_writes_the_torch_paths_bytes(models, tmp_path, monke
     assert len(calls) == n_native  # the torch path does not call them
     assert (native / "model.safetensors").read_bytes() == (torch_out / "model.safetensors").read_bytes()
     assert read_model(native).keys() == read_model(torch_out).keys()
+
+
+# ----------------------------------------------------------------------------- every CPU level
+
+_LEVEL_CHECK = r"""
+import hashlib, torch
+from test_ops_combine import METHODS, NAME, SEED, make, params_for, bits
+from mergekit_fast import _native
+from mergekit_fast.methods import Context
+from mergekit_fast.methods import _task_arithmetic as ta
+from mergekit_fast.methods.linear import METHOD as LINEAR
+from mergekit_fast.ops import combine
+h = hashlib.sha256()
+for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+    for method in sorted(METHODS):
+        base, xs = make(20_011, 3, dtype, "ties" if dtype == torch.bfloat16 else "random", seed=1)
+        p = params_for(method, 3, rescale=dtype != torch.float64, **{"lambda": 0.9})
+        sp, cons, _ = METHODS[method]
+        ref = ta.merge([base, *xs], p, sp, cons, Context(name=NAME, seed=SEED, threads=2), fast=False)
+        got = combine.ta_merge_tensors(base, xs, p, sp, cons, name=NAME, seed=SEED)
+        assert torch.equal(bits(got), bits(ref)), (dtype, method)
+        h.update(bits(got).numpy().tobytes())
+    lin = combine.linear_tensors([base, *xs], (0.3, 0.2, 0.4, 0.1), True)
+    assert torch.equal(bits(lin), bits(LINEAR.compute([base, *xs], dict(weights=(0.3, 0.2, 0.4, 0.1)), None)))
+    h.update(bits(lin).numpy().tobytes())
+print(_native.C.cpu_isa()["in_use"], h.hexdigest())
+"""
+
+
+def test_every_cpu_level_computes_the_torch_paths_bits():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from mergekit_fast import _native
+
+    isa = _native.cpu_isa()
+    if ";" not in isa["compiled"]:
+        pytest.skip(f"this build has one CPU level ({isa['compiled']})")
+    levels = ["baseline", "avx2", "avx512"]
+    levels = levels[: levels.index(isa["supported"]) + 1] if isa["supported"] in levels else ["baseline"]
+    digests = {}
+    for level in levels:
+        res = subprocess.run([sys.executable, "-c", _LEVEL_CHECK], capture_output=True, text=True, timeout=300,
+                             cwd=Path(__file__).parent, env={**os.environ, "MERGEKIT_FAST_CPU_ISA": level})  # fmt: skip
+        assert res.returncode == 0, f"{level}:\n{res.stderr[-3000:]}"
+        in_use, digest = res.stdout.split()
+        assert in_use == level
+        digests[level] = digest
+    assert len(set(digests.values())) == 1, digests

@@ -324,14 +324,8 @@ int linear_impl(int64_t n, int64_t count, const uint64_t* xs, void* out_, const 
     bool ok = true;
     for (int64_t j = blo * kBlock, je = std::min(n, bhi * kBlock); j < je; ++j) {
       A acc = A(0);
-      // torch's fp32 addcmul_ fuses the multiply-add (fp64: it does not)
-      for (int64_t i = 0; i < count; ++i) {
-        A xv = static_cast<A>(F::load(x[i][j]));
-        if constexpr (std::is_same_v<A, float>)
-          acc = std::fma(xv, w[i], acc);
-        else
-          acc = acc + xv * w[i];
-      }
+      // torch's addcmul_ fuses the multiply-add
+      for (int64_t i = 0; i < count; ++i) acc = std::fma(static_cast<A>(F::load(x[i][j])), w[i], acc);
       if (normalize) acc = acc / wsum;
       S r = F::store(acc);
       out[j] = r;

@@ -13,8 +13,12 @@ work dtype only when the norm sits on a rounding boundary (probability about 2^-
 none seen in the tests; bf16/fp16 block sums are exact in fp64 whatever the order for all but extreme
 magnitude ranges).
 
-Not served natively (``native_plan`` returns None, the torch path runs): DELLA, precise_sparsify,
-more than ``MAX_INPUTS`` non-base models, tensors of 2^31 elements or more with a magnitude selection.
+Not served natively (``native_plan`` says why, and the torch path runs): DELLA, precise_sparsify, more
+than ``MAX_INPUTS`` non-base models, tensors of 2^31 elements or more with a magnitude selection, and
+fp64 tensors of ties/breadcrumbs with rescale (the factor is fp64 there, so the order of torch's fp64
+block sums shows). NaN outputs are NaN where torch's are, but their sign and payload bits are not
+reproduced (torch's own depend on the position: its vectorised bf16 conversion writes 0xFFFF, its tail
+loop 0x7FC0).
 """
 
 from __future__ import annotations
@@ -63,6 +67,10 @@ def native_plan(sparsification: str | None, params: dict, n: int, count: int, ta
         return "precise_sparsify has no native kernel"
     if sparsification in ("magnitude", "magnitude_outliers") and n > _select.MAX_NUMEL:
         return "more than 2^31 elements"
+    if tag == _F64 and params.get("rescale") and sparsification in ("magnitude", "magnitude_outliers"):
+        # the factor stays in fp64, so it shows the order of torch's fp64 block sums, which the kernel
+        # does not reproduce (every other work dtype rounds the norms to fp32 or less)
+        return "fp64 with a rescaled magnitude selection"
     return None
 
 
