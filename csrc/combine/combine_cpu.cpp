@@ -91,28 +91,6 @@ struct In {
   A f;  // the rescale factor, a value of the work dtype
 };
 
-// The keep decision of element j of input `in` with delta d (cached: the Philox block of j).
-template <typename F>
-inline bool keep_of(const In<F>& in, typename F::A d, int64_t j, uint64_t& cb, Philox4& cw) {
-  switch (in.mask) {
-    case kMaskRule: {
-      uint32_t key = ta_key(d < 0 ? -d : d);
-      bool tie = in.bm != nullptr && (key == in.lo || key == in.hi) && ta_bit(in.bm, j);
-      return ta_rule_keep(key, in.lo, in.hi, in.flags, tie);
-    }
-    case kMaskBitmap: return ta_bit(in.bm, j);
-    case kMaskRandom: {
-      uint64_t b = static_cast<uint64_t>(j) >> 2;
-      if (b != cb) {
-        cw = in.ps.block(b);
-        cb = b;
-      }
-      return ta_draw_keep(cw.v[j & 3], in.thr);
-    }
-    default: return true;
-  }
-}
-
 // The work-dtype value of a delta (what the sparsifier masks and the L1 norm sums).
 template <typename F>
 inline typename F::A work_value(uint32_t work, typename F::A d) {
@@ -120,25 +98,185 @@ inline typename F::A work_value(uint32_t work, typename F::A d) {
   return work == kWorkD ? d : static_cast<A>(static_cast<float>(d));
 }
 
-// The sparsified delta in D.
+// Blocked element loops: each step of the math is one simple loop over a block of kB elements held
+// in the arithmetic type (L1/L2-resident scratch), so the compiler vectorises every level's build;
+// the order of operations per element is the spec's, whatever the vector width.
+constexpr int64_t kB = 4096;  // a multiple of kL1Block's blocks: pass 1's sums align with them
+
+// d = rD(x - base) of elements [j0, j0 + m)
 template <typename F>
-inline typename F::A sparsed(const In<F>& in, typename F::A d, bool keep) {
+inline void delta_block(const In<F>& in, const typename F::A* bv, int64_t j0, int64_t m, typename F::A* d) {
   using A = typename F::A;
-  if (in.work == kWorkD) {
-    A s = F::round(ta_masked(d, keep));
-    if (in.has_f) s = F::round(s * in.f);
-    return s;
-  }
-  // kWorkC / kWork32: fp32 work (fp16 -> fp32 is exact; fp64 -> fp32 rounds), then back to D
-  float u = ta_masked(static_cast<float>(d), keep);
-  if (in.has_f) u = u * static_cast<float>(in.f);
-  return F::round(static_cast<A>(u));
+  const auto* x = in.x + j0;
+  for (int64_t t = 0; t < m; ++t) d[t] = F::round(static_cast<A>(F::load(x[t])) - bv[t]);
 }
 
+// keep flags (0/1) of elements [j0, j0 + m) from their deltas
 template <typename F>
-inline typename F::A delta_at(const In<F>& in, typename F::A b, int64_t j) {
+inline void keep_block(const In<F>& in, const typename F::A* d, int64_t j0, int64_t m, uint8_t* keep) {
   using A = typename F::A;
-  return F::round(static_cast<A>(F::load(in.x[j])) - b);
+  switch (in.mask) {
+    case kMaskRule: {
+      const uint32_t lo = in.lo, hi = in.hi, flags = in.flags;
+      const bool lo_all = (flags & kLoAll) != 0, hi_all = (flags & kHiAll) != 0;
+      if (in.bm == nullptr) {
+        for (int64_t t = 0; t < m; ++t) {
+          A a = d[t] < A(0) ? -d[t] : d[t];
+          uint32_t key = ta_key(a);
+          bool above = key > lo || (key == lo && lo_all);
+          bool below = key < hi || (key == hi && hi_all);
+          keep[t] = static_cast<uint8_t>(above && below);
+        }
+      } else {
+        const uint64_t* bm = in.bm;
+        for (int64_t t = 0; t < m; ++t) {
+          A a = d[t] < A(0) ? -d[t] : d[t];
+          uint32_t key = ta_key(a);
+          int64_t j = j0 + t;
+          bool tie = ((bm[j >> 6] >> (j & 63)) & 1u) != 0;
+          keep[t] = static_cast<uint8_t>(ta_rule_keep(key, lo, hi, flags, tie));
+        }
+      }
+      break;
+    }
+    case kMaskBitmap: {
+      const uint64_t* bm = in.bm;
+      for (int64_t t = 0; t < m; ++t) {
+        int64_t j = j0 + t;
+        keep[t] = static_cast<uint8_t>((bm[j >> 6] >> (j & 63)) & 1u);
+      }
+      break;
+    }
+    case kMaskRandom: {
+      // j0 is a multiple of 4: whole Philox blocks, four words each
+      uint32_t w[kB];
+      const uint64_t b0 = static_cast<uint64_t>(j0) >> 2;
+      const int64_t nb = (m + 3) >> 2;
+      for (int64_t q = 0; q < nb; ++q) {
+        Philox4 r = in.ps.block(b0 + static_cast<uint64_t>(q));
+        w[4 * q] = r.v[0];
+        w[4 * q + 1] = r.v[1];
+        w[4 * q + 2] = r.v[2];
+        w[4 * q + 3] = r.v[3];
+      }
+      const uint32_t thr = in.thr;
+      for (int64_t t = 0; t < m; ++t) keep[t] = static_cast<uint8_t>((w[t] >> 8) < thr);
+      break;
+    }
+    default:
+      for (int64_t t = 0; t < m; ++t) keep[t] = 1;
+  }
+}
+
+// the sparsified delta in D, in place: s = sparsify(d, keep), by the input's work kind
+template <typename F>
+inline void apply_block(const In<F>& in, typename F::A* d, const uint8_t* keep, int64_t m) {
+  using A = typename F::A;
+  if (in.work == kWorkD) {
+    for (int64_t t = 0; t < m; ++t) d[t] = keep[t] ? d[t] : d[t] * A(0);
+    if (in.has_f) {
+      const A f = in.f;
+      for (int64_t t = 0; t < m; ++t) d[t] = F::round(d[t] * f);
+    }
+    return;
+  }
+  // kWorkC / kWork32: fp32 work (fp16 -> fp32 is exact; fp64 -> fp32 rounds), then back to D
+  const float f = static_cast<float>(in.f);
+  const bool has_f = in.has_f;
+  for (int64_t t = 0; t < m; ++t) {
+    float u = static_cast<float>(d[t]);
+    u = keep[t] ? u : u * 0.0f;
+    if (has_f) u = u * f;
+    d[t] = F::round(static_cast<A>(u));
+  }
+}
+
+// the weighted, sparsified delta v_i of every input for one block
+template <typename F>
+inline void terms_block(const std::vector<In<F>>& ins, const typename F::A* bv, int64_t j0, int64_t m,
+                        typename F::A* v, uint8_t* keep) {
+  using A = typename F::A;
+  for (size_t i = 0; i < ins.size(); ++i) {
+    const In<F>& in = ins[i];
+    A* vi = v + i * kB;
+    if (in.mask == kMaskZero) {
+      for (int64_t t = 0; t < m; ++t) vi[t] = A(0);
+    } else {
+      delta_block(in, bv, j0, m, vi);
+      if (in.mask != kMaskAll) {
+        keep_block(in, vi, j0, m, keep);
+        apply_block(in, vi, keep, m);
+      }
+    }
+    const A w = in.w;
+    for (int64_t t = 0; t < m; ++t) vi[t] = F::round(vi[t] * w);
+  }
+}
+
+// sign election, sums, normalisation, lambda and the output of one block: K inputs (a constant, so
+// the loop over the block vectorises); returns the count of non-finite outputs
+template <typename F, int K>
+int64_t finish_block(const typename F::A* v, const typename F::A* wts, const typename F::A* bv,
+                     typename F::storage* out, int64_t m, int consensus, bool normalize, bool scale,
+                     typename F::A lam, typename F::A wsum_div) {
+  using A = typename F::A;
+  using S = typename F::storage;
+  int64_t bad = 0;
+  for (int64_t t = 0; t < m; ++t) {
+    A mixed, div;
+    if (consensus != kConsensusNone) {
+      A vote = A(0);
+      if (consensus == kConsensusSum) {
+        for (int i = 0; i < K; ++i) vote = vote + v[i * kB + t];
+      } else {
+        for (int i = 0; i < K; ++i) vote = vote + ta_sign(v[i * kB + t]);
+      }
+      vote = F::round(vote);
+      A maj = vote >= A(0) ? A(1) : A(-1);
+      mixed = A(0);
+      div = A(0);
+      for (int i = 0; i < K; ++i) {
+        A vi = v[i * kB + t];
+        bool agree = ta_sign(vi) == maj;
+        mixed = mixed + (agree ? vi : vi * A(0));
+        div = div + (agree ? wts[i] : wts[i] * A(0));
+      }
+      mixed = F::round(mixed);
+      div = F::round(div);
+      div = div == A(0) ? A(1) : div;
+    } else {
+      mixed = A(0);
+      for (int i = 0; i < K; ++i) mixed = mixed + v[i * kB + t];
+      mixed = F::round(mixed);
+      div = wsum_div;
+    }
+    if (normalize) mixed = F::round(mixed / div);
+    if (scale) mixed = F::round(mixed * lam);
+    S r = F::store(bv[t] + mixed);
+    out[t] = r;
+    A back = static_cast<A>(F::load(r));
+    A z = back - back;  // NaN for Inf and NaN
+    bad += z == A(0) ? 0 : 1;
+  }
+  return bad;
+}
+
+template <typename F, int K>
+int64_t finish_dispatch(int count, const typename F::A* v, const typename F::A* wts, const typename F::A* bv,
+                        typename F::storage* out, int64_t m, int consensus, bool normalize, bool scale,
+                        typename F::A lam, typename F::A wsum_div) {
+  if constexpr (K < kCombineMaxInputs) {
+    if (count != K)
+      return finish_dispatch<F, K + 1>(count, v, wts, bv, out, m, consensus, normalize, scale, lam, wsum_div);
+  }
+  // consensus is a runtime value; split here so each loop body is branch-free per element
+  switch (consensus) {
+    case kConsensusSum:
+      return finish_block<F, K>(v, wts, bv, out, m, kConsensusSum, normalize, scale, lam, wsum_div);
+    case kConsensusCount:
+      return finish_block<F, K>(v, wts, bv, out, m, kConsensusCount, normalize, scale, lam, wsum_div);
+    default: return finish_block<F, K>(v, wts, bv, out, m, kConsensusNone, normalize, scale, lam, wsum_div);
+  }
 }
 
 template <typename F>
@@ -171,8 +309,8 @@ int combine_impl(int64_t n, const void* base_, void* out_, int64_t count, const 
     in.has_f = false;
     in.f = A(1);
   }
-  int nthreads = n >= kParallelMin ? threads : 1;
-  int64_t nblocks = (n + kBlock - 1) / kBlock;
+  const int64_t nblocks = (n + kB - 1) / kB;
+  const int nthreads = n >= kParallelMin ? threads : 1;
 
   // -- pass 1: L1 norms of the work-dtype deltas and of the kept ones; random draws to bitmaps
   std::vector<std::vector<uint64_t>> drawn(static_cast<size_t>(count));
@@ -180,34 +318,60 @@ int combine_impl(int64_t n, const void* base_, void* out_, int64_t count, const 
     std::vector<int64_t> which;
     for (int64_t i = 0; i < count; ++i)
       if (ins[i].mask != kMaskAll && ins[i].mask != kMaskZero) which.push_back(i);
-    int64_t nl1 = (n + kL1Block - 1) / kL1Block;
+    const int64_t nl1 = (n + kL1Block - 1) / kL1Block;
+    constexpr int64_t kPer = kB / kL1Block;
     std::vector<std::vector<double>> before(which.size()), after(which.size());
     for (size_t q = 0; q < which.size(); ++q) {
       before[q].assign(static_cast<size_t>(nl1), 0.0);
       after[q].assign(static_cast<size_t>(nl1), 0.0);
       if (ins[which[q]].mask == kMaskRandom) drawn[which[q]].assign(static_cast<size_t>((n + 63) / 64), 0);
     }
-    parallel_for(nl1, nthreads, [&](int64_t blo, int64_t bhi) {
-      for (size_t q = 0; q < which.size(); ++q) {
-        const In<F>& in = ins[which[q]];
-        uint64_t* dr = drawn[which[q]].empty() ? nullptr : drawn[which[q]].data();
-        uint64_t cb = ~uint64_t{0};
-        Philox4 cw{};
-        for (int64_t blk = blo; blk < bhi; ++blk) {
-          int64_t s = blk * kL1Block, e = std::min(n, s + kL1Block);
-          double sb = 0, sa = 0;
-          for (int64_t j = s; j < e; ++j) {
-            A bv = static_cast<A>(F::load(base[j]));
-            A d = delta_at(in, bv, j);
-            bool keep = keep_of(in, d, j, cb, cw);
-            if (dr != nullptr && keep) dr[j >> 6] |= uint64_t{1} << (j & 63);
-            A t = work_value<F>(in.work, d);
-            A m = ta_masked(t, keep);
-            sb += std::fabs(static_cast<double>(t));
-            sa += std::fabs(static_cast<double>(m));
+    parallel_for(nblocks, nthreads, [&](int64_t blo, int64_t bhi) {
+      std::vector<A> bv(kB), d(kB);
+      std::vector<uint8_t> keep(kB);
+      for (int64_t blk = blo; blk < bhi; ++blk) {
+        const int64_t j0 = blk * kB, m = std::min(kB, n - j0);
+        for (int64_t t = 0; t < m; ++t) bv[t] = static_cast<A>(F::load(base[j0 + t]));
+        for (size_t q = 0; q < which.size(); ++q) {
+          const In<F>& in = ins[which[q]];
+          delta_block(in, bv.data(), j0, m, d.data());
+          keep_block(in, d.data(), j0, m, keep.data());
+          if (!drawn[which[q]].empty()) {
+            uint64_t* dr = drawn[which[q]].data() + (j0 >> 6);
+            for (int64_t t0 = 0; t0 < m; t0 += 64) {
+              uint64_t word = 0;
+              for (int64_t t = t0, te = std::min(m, t0 + 64); t < te; ++t)
+                word |= static_cast<uint64_t>(keep[t]) << (t - t0);
+              dr[t0 >> 6] = word;
+            }
           }
-          before[q][blk] = sb;
-          after[q][blk] = sa;
+          // fixed 8-lane fp64 sums per kL1Block block (the same order on every level)
+          for (int64_t s0 = 0; s0 < m; s0 += kL1Block) {
+            const int64_t se = std::min(m, s0 + kL1Block);
+            double lb[8] = {}, la[8] = {};
+            int64_t t = s0;
+            for (; t + 8 <= se; t += 8) {
+              for (int l = 0; l < 8; ++l) {
+                A tv = work_value<F>(in.work, d[t + l]);
+                double a = std::fabs(static_cast<double>(tv));
+                lb[l] += a;
+                la[l] += keep[t + l] ? a : a * 0.0;
+              }
+            }
+            for (int l = 0; t < se; ++t, ++l) {
+              A tv = work_value<F>(in.work, d[t]);
+              double a = std::fabs(static_cast<double>(tv));
+              lb[l] += a;
+              la[l] += keep[t] ? a : a * 0.0;
+            }
+            double sb = 0, sa = 0;
+            for (int l = 0; l < 8; ++l) {
+              sb += lb[l];
+              sa += la[l];
+            }
+            before[q][blk * kPer + s0 / kL1Block] = sb;
+            after[q][blk * kPer + s0 / kL1Block] = sa;
+          }
         }
       }
     });
@@ -219,8 +383,9 @@ int combine_impl(int64_t n, const void* base_, void* out_, int64_t count, const 
       }
       double b = fsum(before[q]), a = fsum(after[q]);
       auto round_w = [&](double v) -> double {
-        if (in.work == kWorkD) return static_cast<double>(F::round(static_cast<A>(std::is_same_v<A, double> ? v : static_cast<double>(static_cast<float>(v)))));
-        return static_cast<double>(static_cast<float>(v));
+        if (in.work != kWorkD) return static_cast<double>(static_cast<float>(v));
+        if constexpr (std::is_same_v<A, double>) return v;
+        return static_cast<double>(F::round(static_cast<float>(v)));
       };
       double rb = round_w(b), ra = round_w(a), eps = round_w(kRescaleEps);
       if (rb < eps || ra < eps) continue;
@@ -233,74 +398,36 @@ int combine_impl(int64_t n, const void* base_, void* out_, int64_t count, const 
   }
 
   // the divisor without consensus: the sum of the weights in D, 1 when |sum| < 1e-8
+  A wts[kCombineMaxInputs];
   A wsum_div = A(1);
   {
     A s = A(0);
-    for (auto& in : ins) s = s + in.w;
+    for (int64_t i = 0; i < count; ++i) {
+      wts[i] = ins[i].w;
+      s = s + ins[i].w;
+    }
     s = F::round(s);
     wsum_div = std::fabs(static_cast<double>(s)) < kDivisorEps ? A(1) : s;
   }
   const A lam = static_cast<A>(lambda);
   const bool scale = lambda != 1.0;
-  std::atomic<int> finite{1};
+  std::atomic<int64_t> bad{0};
 
   // -- pass 2: the merge
   parallel_for(nblocks, nthreads, [&](int64_t blo, int64_t bhi) {
-    uint64_t cb[kCombineMaxInputs];
-    Philox4 cw[kCombineMaxInputs];
-    for (int64_t i = 0; i < count; ++i) cb[i] = ~uint64_t{0};
-    bool ok = true;
-    A v[kCombineMaxInputs];
-    for (int64_t j = blo * kBlock, je = std::min(n, bhi * kBlock); j < je; ++j) {
-      A bv = static_cast<A>(F::load(base[j]));
-      for (int64_t i = 0; i < count; ++i) {
-        const In<F>& in = ins[i];
-        A d = delta_at(in, bv, j);
-        A s;
-        if (in.mask == kMaskAll) {
-          s = d;
-        } else if (in.mask == kMaskZero) {
-          s = A(0);
-        } else {
-          s = sparsed(in, d, keep_of(in, d, j, cb[i], cw[i]));
-        }
-        v[i] = F::round(s * in.w);
-      }
-      A mixed, div;
-      if (consensus != kConsensusNone) {
-        A vote = A(0);
-        if (consensus == kConsensusSum) {
-          for (int64_t i = 0; i < count; ++i) vote = vote + v[i];
-        } else {
-          for (int64_t i = 0; i < count; ++i) vote = vote + ta_sign(v[i]);
-        }
-        vote = F::round(vote);
-        A maj = vote >= A(0) ? A(1) : A(-1);
-        mixed = A(0);
-        div = A(0);
-        for (int64_t i = 0; i < count; ++i) {
-          bool agree = ta_sign(v[i]) == maj;
-          mixed = mixed + ta_masked(v[i], agree);
-          div = div + ta_masked(ins[i].w, agree);
-        }
-        mixed = F::round(mixed);
-        div = F::round(div);
-        if (div == A(0)) div = A(1);
-      } else {
-        mixed = A(0);
-        for (int64_t i = 0; i < count; ++i) mixed = mixed + v[i];
-        mixed = F::round(mixed);
-        div = wsum_div;
-      }
-      if (normalize) mixed = F::round(mixed / div);
-      if (scale) mixed = F::round(mixed * lam);
-      S r = F::store(bv + mixed);
-      out[j] = r;
-      ok = ok && std::isfinite(static_cast<double>(F::load(r)));
+    std::vector<A> bv(kB), v(static_cast<size_t>(kB * count));
+    std::vector<uint8_t> keep(kB);
+    int64_t nb = 0;
+    for (int64_t blk = blo; blk < bhi; ++blk) {
+      const int64_t j0 = blk * kB, m = std::min(kB, n - j0);
+      for (int64_t t = 0; t < m; ++t) bv[t] = static_cast<A>(F::load(base[j0 + t]));
+      terms_block(ins, bv.data(), j0, m, v.data(), keep.data());
+      nb += finish_dispatch<F, 1>(static_cast<int>(count), v.data(), wts, bv.data(), out + j0, m, consensus,
+                                  normalize != 0, scale, lam, wsum_div);
     }
-    if (!ok) finite.store(0, std::memory_order_relaxed);
+    bad.fetch_add(nb, std::memory_order_relaxed);
   });
-  return finite.load();
+  return bad.load() == 0 ? 1 : 0;
 }
 
 template <typename F>
@@ -329,7 +456,8 @@ int linear_impl(int64_t n, int64_t count, const uint64_t* xs, void* out_, const 
       if (normalize) acc = acc / wsum;
       S r = F::store(acc);
       out[j] = r;
-      ok = ok && std::isfinite(static_cast<double>(F::load(r)));
+      A back = static_cast<A>(F::load(r));
+      ok = ok && (back - back == A(0));  // NaN for Inf and NaN
     }
     if (!ok) finite.store(0, std::memory_order_relaxed);
   });
