@@ -11,6 +11,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -322,20 +323,21 @@ int combine_impl(int64_t n, const void* base_, void* out_, int64_t count, const 
     constexpr int64_t kPer = kB / kL1Block;
     std::vector<std::vector<double>> before(which.size()), after(which.size());
     for (size_t q = 0; q < which.size(); ++q) {
-      before[q].assign(static_cast<size_t>(nl1), 0.0);
-      after[q].assign(static_cast<size_t>(nl1), 0.0);
-      if (ins[which[q]].mask == kMaskRandom) drawn[which[q]].assign(static_cast<size_t>((n + 63) / 64), 0);
+      // (constructed, not assign()ed: see select_cpu.cpp's histogram on constant-propagated clones)
+      before[q] = std::vector<double>(static_cast<size_t>(nl1));
+      after[q] = std::vector<double>(static_cast<size_t>(nl1));
+      if (ins[which[q]].mask == kMaskRandom) drawn[which[q]] = std::vector<uint64_t>(static_cast<size_t>((n + 63) / 64));
     }
     parallel_for(nblocks, nthreads, [&](int64_t blo, int64_t bhi) {
-      std::vector<A> bv(kB), d(kB);
-      std::vector<uint8_t> keep(kB);
+      std::unique_ptr<A[]> bv(new A[kB]), d(new A[kB]);
+      std::unique_ptr<uint8_t[]> keep(new uint8_t[kB]);
       for (int64_t blk = blo; blk < bhi; ++blk) {
         const int64_t j0 = blk * kB, m = std::min(kB, n - j0);
         for (int64_t t = 0; t < m; ++t) bv[t] = static_cast<A>(F::load(base[j0 + t]));
         for (size_t q = 0; q < which.size(); ++q) {
           const In<F>& in = ins[which[q]];
-          delta_block(in, bv.data(), j0, m, d.data());
-          keep_block(in, d.data(), j0, m, keep.data());
+          delta_block(in, bv.get(), j0, m, d.get());
+          keep_block(in, d.get(), j0, m, keep.get());
           if (!drawn[which[q]].empty()) {
             uint64_t* dr = drawn[which[q]].data() + (j0 >> 6);
             for (int64_t t0 = 0; t0 < m; t0 += 64) {
@@ -415,14 +417,14 @@ int combine_impl(int64_t n, const void* base_, void* out_, int64_t count, const 
 
   // -- pass 2: the merge
   parallel_for(nblocks, nthreads, [&](int64_t blo, int64_t bhi) {
-    std::vector<A> bv(kB), v(static_cast<size_t>(kB * count));
-    std::vector<uint8_t> keep(kB);
+    std::unique_ptr<A[]> bv(new A[kB]), v(new A[kB * count]);
+    std::unique_ptr<uint8_t[]> keep(new uint8_t[kB]);
     int64_t nb = 0;
     for (int64_t blk = blo; blk < bhi; ++blk) {
       const int64_t j0 = blk * kB, m = std::min(kB, n - j0);
       for (int64_t t = 0; t < m; ++t) bv[t] = static_cast<A>(F::load(base[j0 + t]));
-      terms_block(ins, bv.data(), j0, m, v.data(), keep.data());
-      nb += finish_dispatch<F, 1>(static_cast<int>(count), v.data(), wts, bv.data(), out + j0, m, consensus,
+      terms_block(ins, bv.get(), j0, m, v.get(), keep.get());
+      nb += finish_dispatch<F, 1>(static_cast<int>(count), v.get(), wts, bv.get(), out + j0, m, consensus,
                                   normalize != 0, scale, lam, wsum_div);
     }
     bad.fetch_add(nb, std::memory_order_relaxed);

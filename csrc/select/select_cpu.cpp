@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -33,18 +34,27 @@ inline uint32_t key_at(const typename F::storage* x, const typename F::storage* 
 }
 
 // Counts of keys by their high 16 bits (level 0), or by their low 16 bits among keys whose high
-// bits are `prefix` (level 1).
+// bits are `prefix` (level 1). Plain arrays, zeroed here: std::vector's fill members called with a
+// constant size get constant-propagated clones that are local to one level's object, which
+// tests/test_build.py rightly refuses outside the level namespaces.
+constexpr int64_t kBins = 1 << 16;
+using Hist = std::unique_ptr<int64_t[]>;
+
+inline Hist new_hist() {
+  Hist h(new int64_t[kBins]);
+  for (int64_t i = 0; i < kBins; ++i) h[i] = 0;
+  return h;
+}
+
 template <typename F>
-void histogram(const typename F::storage* x, const typename F::storage* b, int64_t n, int level,
-               uint32_t prefix, std::vector<int64_t>& hist, int threads) {
-  constexpr int64_t kBins = 1 << 16;
+Hist histogram(const typename F::storage* x, const typename F::storage* b, int64_t n, int level,
+               uint32_t prefix, int threads) {
   int64_t nchunks = std::max<int64_t>(1, std::min<int64_t>(threads, n / kParallelMin + 1));
-  std::vector<std::vector<int64_t>> parts(static_cast<size_t>(nchunks));
+  std::unique_ptr<Hist[]> parts(new Hist[nchunks]);
   int64_t step = (n + nchunks - 1) / nchunks;
   parallel_for(nchunks, static_cast<int>(nchunks), [&](int64_t lo, int64_t hi) {
     for (int64_t c = lo; c < hi; ++c) {
-      auto& h = parts[c];
-      h.assign(kBins, 0);
+      Hist h = new_hist();
       int64_t s = c * step, e = std::min(n, s + step);
       if (level == 0) {
         for (int64_t j = s; j < e; ++j) ++h[key_at<F>(x, b, j) >> 16];
@@ -54,12 +64,14 @@ void histogram(const typename F::storage* x, const typename F::storage* b, int64
           if ((k >> 16) == prefix) ++h[k & 0xffffu];
         }
       }
+      parts[c] = std::move(h);
     }
   });
-  hist.assign(kBins, 0);
-  for (auto& h : parts)
-    if (!h.empty())
-      for (int64_t i = 0; i < kBins; ++i) hist[i] += h[i];
+  Hist total = new_hist();
+  for (int64_t c = 0; c < nchunks; ++c)
+    if (parts[c])
+      for (int64_t i = 0; i < kBins; ++i) total[i] += parts[c][i];
+  return total;
 }
 
 struct Rank {
@@ -70,7 +82,7 @@ struct Rank {
 // The key at ascending position r (0 <= r < n).
 template <typename F>
 Rank rank_key(const typename F::storage* x, const typename F::storage* b, int64_t n, int64_t r,
-              const std::vector<int64_t>& hist0, bool low_bits_zero, int threads) {
+              const Hist& hist0, bool low_bits_zero, int threads) {
   int64_t below = 0;
   uint32_t hi = 0;
   for (; hi < (1u << 16); ++hi) {
@@ -78,8 +90,7 @@ Rank rank_key(const typename F::storage* x, const typename F::storage* b, int64_
     below += hist0[hi];
   }
   if (low_bits_zero) return Rank{hi << 16, below, below + hist0[hi]};
-  std::vector<int64_t> h1;
-  histogram<F>(x, b, n, 1, hi, h1, threads);
+  Hist h1 = histogram<F>(x, b, n, 1, hi, threads);
   uint32_t lo = 0;
   for (; lo < (1u << 16); ++lo) {
     if (below + h1[lo] > r) break;
@@ -222,8 +233,7 @@ int64_t select_impl(int64_t n, const void* base_, int64_t count, const uint64_t*
       rule[2] = kLoAll | kHiAll;
       continue;
     }
-    std::vector<int64_t> h0;
-    histogram<F>(x, base, n, 0, 0, h0, threads);
+    Hist h0 = histogram<F>(x, base, n, 0, 0, threads);
     Rank lo = rank_key<F>(x, base, n, lo_pos, h0, low_zero, threads);
     Rank hi = top ? Rank{0xffffffffu, n, n} : rank_key<F>(x, base, n, hi_pos - 1, h0, low_zero, threads);
     rule[0] = lo.key;
