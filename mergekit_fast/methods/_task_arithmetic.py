@@ -187,6 +187,26 @@ class TaskArithmeticFamily(MergeMethod):
             return out.copy_(result)
         return result
 
+    # -- native CPU path (ops/select.py, ops/combine.py): by address, no torch
+    def native_ok(self, tensor) -> bool:
+        from mergekit_fast.ops.combine import native_plan
+
+        n = math.prod(tensor.shape)
+        why = native_plan(self.sparsification, dict(tensor.params), n, len(tensor.inputs) - 1,
+                          tensor.in_dtype.native)  # fmt: skip
+        return why is None
+
+    def native_cpu(self, tensors, inputs, outs, threads, seed=None):
+        """The select and combine kernels on the mapped inputs (the base first), one tensor at a time."""
+        from mergekit_fast.ops.combine import ta_merge_cpu
+
+        flags = []
+        for t, ins, out in zip(tensors, inputs, outs):
+            flags.append(ta_merge_cpu(t.in_dtype.native, math.prod(t.shape), ins[0], list(ins[1:]), out,
+                                      dict(t.params), self.sparsification, self.consensus, name=t.name,
+                                      seed=seed, threads=threads))  # fmt: skip
+        return flags
+
     def verify_scale(self, inputs, params):
         """The terms' magnitude: |base| + |lambda| sum_i |w_i| r_i |x_i - base| / s, with r_i a bound of the
         rescale factor (1 / keep probability) and s the smallest divisor normalisation can give."""

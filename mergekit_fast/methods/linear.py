@@ -48,6 +48,25 @@ class Linear(MergeMethod):
             return out.copy_(result)
         return result.to(first.dtype)
 
+    def native_ok(self, tensor) -> bool:
+        from mergekit_fast.ops.combine import LINEAR_MAX_INPUTS
+
+        return tensor.in_dtype.native is not None and 1 <= len(tensor.inputs) <= LINEAR_MAX_INPUTS
+
+    @staticmethod
+    def native_cpu(tensors, inputs, outs, threads, seed=None):
+        """The combine op's linear kernel (csrc/combine) on the mapped inputs, one tensor at a time."""
+        import math
+
+        from mergekit_fast.ops.combine import linear_cpu
+
+        flags = []
+        for t, ins, out in zip(tensors, inputs, outs):
+            p = dict(t.params)
+            flags.append(linear_cpu(t.in_dtype.native, math.prod(t.shape), list(ins), out, p["weights"],
+                                    bool(p.get("normalize", True)), threads))  # fmt: skip
+        return flags
+
     def reference(self, inputs, params, ctx: Context):
         """Independent of ``compute``: the weighted sum as one stacked reduction in fp64."""
         import torch

@@ -1,0 +1,36 @@
+// The combine op: base + lambda * sum_i w_i * mask_i * (x_i - base) / divisor, with the masks
+// built inside the kernel (select's threshold rules and tie bitmaps, the Philox Bernoulli draw),
+// mergekit's L1 rescale, TIES' sign election, and the rounding of every step to the input dtype
+// where torch rounds (the spec: common/ta_math.h). Linear is its simplest case.
+#pragma once
+#include <cstdint>
+
+#include "common/cpu_isa.h"
+
+namespace mkf {
+
+// The most non-base inputs one combine takes (their sums follow torch's order up to
+// kTaSeqSumMax; the Python side sends larger stacks to the torch path).
+constexpr int kCombineMaxInputs = 8;
+
+// ---- CPU (csrc/combine/combine_cpu.cpp) ----
+#define MKF_COMBINE_CPU_API                                                                       \
+  /* One output tensor of the task-arithmetic family. Per non-base input i (count of them): */   \
+  /* xs[i] its data; masks[i] a TaMask; works[i] a TaWork; rules[3 i ..] lo, hi, flags of a */    \
+  /* kMaskRule; bitmaps[i] the address of its tie bitmap (0: none); thrs[i] the Bernoulli */      \
+  /* threshold and hashes[i] the Philox stream hash of a kMaskRandom; weights[i] its weight. */  \
+  /* rescale: mergekit's L1 rescale of the sparsified deltas (a first pass for the norms). */      \
+  /* Returns 1 when every output element is finite, else 0. */                                  \
+  int ta_combine_cpu(int dtype, int64_t n, const void* base, void* out, int64_t count,          \
+                     const uint64_t* xs, const uint32_t* masks, const uint32_t* works,            \
+                     const uint32_t* rules, const uint64_t* bitmaps, const uint32_t* thrs,        \
+                     const uint64_t* hashes, const double* weights, uint64_t seed,                \
+                     int consensus, int normalize, int rescale, double lambda, int threads);      \
+  /* linear: out = (sum_i w_i x_i) [/ sum_i w_i], in fp32 (fp64 for fp64), as mergekit's */       \
+  /* addcmul loop; weights rounded to fp32. Returns 1 when every output element is finite. */      \
+  int linear_cpu(int dtype, int64_t n, int64_t count, const uint64_t* xs, void* out,            \
+                 const double* weights, int normalize, int threads)
+MKF_COMBINE_CPU_API;
+MKF_DECLARE_PER_ISA(MKF_COMBINE_CPU_API)
+
+}  // namespace mkf

@@ -1,0 +1,34 @@
+// The select op: exact magnitude selections of the task-arithmetic family (TIES' top-k,
+// breadcrumbs' two-sided cut), as a threshold rule plus a tie bitmap (common/ta_math.h).
+//
+// The element keys are ta_key(|rD(x - base)|) (the deltas are never stored). The order is the
+// one mergekit 0.1.5's CPU torch.sort leaves: libstdc++'s introsort over (key, index) pairs.
+// A radix histogram of the keys finds the threshold(s) in two parallel passes; only when equal
+// keys straddle a cut does the kernel model introsort (an introselect that follows the
+// partitions containing a cut: O(n) expected, the same sets as std::sort), and then the tie
+// bitmap says which of the keys equal to a threshold are kept.
+#pragma once
+#include <cstdint>
+
+#include "common/cpu_isa.h"
+
+namespace mkf {
+
+// select modes (ta_select_cpu's modes[])
+enum TaSelectMode : int32_t { kSelectTop = 0, kSelectRange = 1 };
+
+// ---- CPU (csrc/select/select_cpu.cpp) ----
+#define MKF_SELECT_CPU_API                                                                        \
+  /* For each of `count` inputs xs[i] (same dtype and n as base): mode kSelectTop keeps the */    \
+  /* as[i] largest keys (descending order, NaN first); kSelectRange keeps positions */           \
+  /* [as[i], bs[i]) of the ascending order. Writes rules[3 i .. 3 i + 2] = lo, hi, flags */      \
+  /* (ta_rule_keep's arguments) and, where ties straddle a cut, bits into bitmaps + i * */       \
+  /* ((n + 63) / 64) (zeroed here). Returns a bit per input: 1 where the bitmap is used; -1 */    \
+  /* when n >= 2^31 (not supported). */                                                          \
+  int64_t ta_select_cpu(int dtype, int64_t n, const void* base, int64_t count,                  \
+                        const uint64_t* xs, const int32_t* modes, const int64_t* as,             \
+                        const int64_t* bs, uint32_t* rules, uint64_t* bitmaps, int threads)
+MKF_SELECT_CPU_API;
+MKF_DECLARE_PER_ISA(MKF_SELECT_CPU_API)
+
+}  // namespace mkf

@@ -1,0 +1,187 @@
+"""The combine op: ``base + lambda * sum_i w_i * mask_i * (x_i - base) / divisor``, native on the CPU.
+
+``ta_merge_cpu`` runs one output tensor of the task-arithmetic family (task_arithmetic, ties, dare_ties,
+dare_linear, breadcrumbs, breadcrumbs_ties) by address, with no torch: the masks are built inside the
+kernel (select's threshold rules and tie bitmaps, ``ops/select.py``; the Philox Bernoulli draws of
+``methods/rng.py``, bit for bit), then mergekit's L1 rescale, the sign election and the normalisation,
+every step rounded to the input dtype where torch rounds (csrc/common/ta_math.h). ``linear_cpu`` is
+mergekit's linear merge (fp32 accumulation). The reference is the methods' torch path
+(``methods/_task_arithmetic.merge``, ``methods/linear.Linear.compute``): the kernels equal it bit for
+bit on the CPU (tests/test_ops_combine.py), with one documented exception: an L1 norm's fp64 block
+sums are added in the kernel's order, not torch's, which can move a rescale factor by one ulp of the
+work dtype only when the norm sits on a rounding boundary (probability about 2^-29 for fp32 deltas,
+none seen in the tests; bf16/fp16 block sums are exact in fp64 whatever the order for all but extreme
+magnitude ranges).
+
+Not served natively (``native_plan`` says why, and the torch path runs): DELLA, precise_sparsify, more
+than ``MAX_INPUTS`` non-base models, tensors of 2^31 elements or more with a magnitude selection, and
+fp64 tensors of ties/breadcrumbs with rescale (the factor is fp64 there, so the order of torch's fp64
+block sums shows). NaN outputs are NaN where torch's are, but their sign and payload bits are not
+reproduced (torch's own depend on the position: its vectorised bf16 conversion writes 0xFFFF, its tail
+loop 0x7FC0).
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from array import array
+
+from mergekit_fast import _native
+from mergekit_fast.ops import select as _select
+
+# csrc/common/ta_math.h
+MASK_ALL, MASK_ZERO, MASK_RULE, MASK_BITMAP, MASK_RANDOM = 0, 1, 2, 3, 4
+WORK_D, WORK_C, WORK_32 = 0, 1, 2
+CONSENSUS = {None: 0, "sum": 1, "count": 2}
+# stacks of up to this many non-base inputs are summed in torch's order (kTaSeqSumMax)
+MAX_INPUTS = 4
+LINEAR_MAX_INPUTS = 8  # csrc/combine/combine.h kCombineMaxInputs
+
+_BF16, _F16, _F32, _F64 = 2, 1, 0, 3  # mkf::DType tags
+
+
+def _f32(x: float) -> float:
+    """x rounded to fp32 (round to nearest even)."""
+    return struct.unpack("<f", struct.pack("<f", x))[0]
+
+
+def _bf16(x: float) -> float:
+    """x rounded to bf16 the way torch converts a Python float: to fp32, then to bf16 (nearest even)."""
+    u = struct.unpack("<I", struct.pack("<f", x))[0]
+    if (u & 0x7FFFFFFF) > 0x7F800000:
+        return x
+    u = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16
+    return struct.unpack("<f", struct.pack("<I", u & 0xFFFFFFFF))[0]
+
+
+def native_plan(sparsification: str | None, params: dict, n: int, count: int, tag: int | None):
+    """Whether the kernels serve this tensor (see the module docstring); a reason string when not."""
+    if tag is None:
+        return "dtype without native kernels"
+    if not 1 <= count <= MAX_INPUTS:
+        return f"{count} non-base models (the kernel sums up to {MAX_INPUTS} in torch's order)"
+    if sparsification not in (None, "magnitude", "magnitude_outliers", "random"):
+        return f"sparsification {sparsification} has no native kernel"
+    if params.get("precise_sparsify"):
+        return "precise_sparsify has no native kernel"
+    if sparsification in ("magnitude", "magnitude_outliers") and n > _select.MAX_NUMEL:
+        return "more than 2^31 elements"
+    if tag == _F64 and params.get("rescale") and sparsification in ("magnitude", "magnitude_outliers"):
+        # the factor stays in fp64, so it shows the order of torch's fp64 block sums, which the kernel
+        # does not reproduce (every other work dtype rounds the norms to fp32 or less)
+        return "fp64 with a rescaled magnitude selection"
+    return None
+
+
+def ta_merge_cpu(tag: int, n: int, base: int, xs: list[int], out: int, params: dict,
+                 sparsification: str | None, consensus: str | None, *, name: str = "",
+                 seed: int | None = None, threads: int = 0) -> bool:  # fmt: skip
+    """One tensor of the task-arithmetic family: ``base`` and the non-base inputs ``xs`` (addresses of n
+    elements of dtype ``tag``) into ``out``; ``params`` as the method's planned parameters (per non-base
+    tuples). Returns whether every output element is finite."""
+    from mergekit_fast.methods import rng
+
+    count = len(xs)
+    why = native_plan(sparsification, params, n, count, tag)
+    if why is not None:
+        raise ValueError(f"ta_merge_cpu: {why}")
+    if n == 0:
+        return True
+    densities = [float(d) for d in params.get("density", (1.0,) * count)]
+    masks, works, thrs, hashes = [MASK_ALL] * count, [WORK_D] * count, [0] * count, [0] * count
+    sel_idx, modes, sa, sb = [], [], [], []
+    for i, density in enumerate(densities):
+        if sparsification is None or density >= 1:
+            continue
+        if sparsification == "magnitude":
+            if density <= 0:
+                masks[i] = MASK_ZERO
+                continue
+            masks[i] = MASK_RULE
+            sel_idx.append(i)
+            modes.append(_select.SELECT_TOP)
+            sa.append(max(1, int(density * n)))
+            sb.append(n)
+        elif sparsification == "magnitude_outliers":
+            target = int(density * n)
+            top = int(float(params["gamma"][i]) * n)
+            bot = max(0, n - target - top)
+            start, stop, _ = slice(bot, bot + target).indices(n)
+            masks[i] = MASK_RULE
+            sel_idx.append(i)
+            modes.append(_select.SELECT_RANGE)
+            sa.append(start)
+            sb.append(stop)
+        else:  # random
+            if seed is None:
+                raise ValueError(f"{name}: a random merge method needs a seed (the engine always passes one)")
+            p = _bf16(density) if tag == _BF16 else _f32(density)
+            masks[i] = MASK_RANDOM
+            works[i] = {_BF16: WORK_D, _F32: WORK_D, _F16: WORK_C, _F64: WORK_32}[tag]
+            thrs[i] = math.ceil(_f32(p) * 2.0**24)
+            hashes[i] = rng.stream_hash(name, i)
+    rules = [(0, 0, 0)] * count
+    bitmaps = [0] * count
+    keep = None
+    if sel_idx:
+        sel = _select.ta_select_cpu(tag, n, base, [xs[i] for i in sel_idx], modes, sa, sb, threads)
+        keep = sel
+        for q, i in enumerate(sel_idx):
+            rules[i] = sel.rules[q]
+            bitmaps[i] = sel.bitmaps[q]
+    tables = [
+        array("Q", xs),
+        array("I", masks),
+        array("I", works),
+        array("I", [v for r in rules for v in r]),
+        array("Q", bitmaps),
+        array("I", thrs),
+        array("Q", hashes),
+        array("d", [float(w) for w in params["weight"]]),
+    ]
+    addr = [t.buffer_info()[0] for t in tables]
+    ok = _native.C.ta_combine_cpu(
+        tag, n, base, out, count, *addr, int(seed or 0) & 0xFFFFFFFFFFFFFFFF, CONSENSUS[consensus],
+        int(bool(params.get("normalize"))), int(bool(params.get("rescale"))), float(params.get("lambda", 1.0)),
+        threads,
+    )  # fmt: skip
+    del keep
+    return bool(ok)
+
+
+def linear_cpu(tag: int, n: int, xs: list[int], out: int, weights, normalize: bool, threads: int = 0) -> bool:
+    """mergekit's linear merge of the inputs ``xs`` into ``out`` (addresses, dtype ``tag``); whether every
+    output element is finite."""
+    if not 1 <= len(xs) <= LINEAR_MAX_INPUTS:
+        raise ValueError(f"linear_cpu: 1 to {LINEAR_MAX_INPUTS} inputs")
+    if n == 0:
+        return True
+    tx, tw = array("Q", xs), array("d", [float(w) for w in weights])
+    return bool(_native.C.linear_cpu(tag, n, len(xs), tx.buffer_info()[0], out, tw.buffer_info()[0],
+                                     int(bool(normalize)), threads))  # fmt: skip
+
+
+# -- torch conveniences (tests, benchmarks): the kernels on contiguous CPU tensors
+
+
+def ta_merge_tensors(base, others, params: dict, sparsification, consensus, *, name="", seed=None, threads=0):
+    """``ta_merge_cpu`` on torch CPU tensors; returns the output tensor."""
+    import torch
+
+    base = base.contiguous()
+    others = [o.contiguous() for o in others]
+    out = torch.empty_like(base)
+    ta_merge_cpu(_native.dtype_tag(base.dtype), base.numel(), base.data_ptr(), [o.data_ptr() for o in others],
+                 out.data_ptr(), params, sparsification, consensus, name=name, seed=seed, threads=threads)  # fmt: skip
+    return out
+
+
+def linear_tensors(inputs, weights, normalize=True, threads=0):
+    import torch
+
+    inputs = [x.contiguous() for x in inputs]
+    out = torch.empty_like(inputs[0])
+    linear_cpu(_native.dtype_tag(inputs[0].dtype), inputs[0].numel(), [x.data_ptr() for x in inputs],
+               out.data_ptr(), weights, normalize, threads)  # fmt: skip
+    return out
