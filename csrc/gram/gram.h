@@ -1,0 +1,49 @@
+// The gram op's entry points: the k x k fp64 dot products of k same-shaped tensors or of their
+// differences to a base (common/gram_math.h has the terms and the two roundings). Pointers are raw
+// host or device addresses, sizes element counts, `dtype` a mkf::DType tag. The Python side
+// (mergekit_fast/ops/gram.py) validates shapes, dtypes, devices and contiguity first.
+//
+// Pointer tables: per tensor s, k + 1 addresses at ptrs[s * (k + 1)]: the k inputs, then the base
+// (0: none). Outputs: per tensor, rows_s x k x k fp64 values, the tensors one after another, where
+// rows_s = numel_s / row_len_s for a tensor summed per row of row_len_s elements and 1 for a whole
+// tensor (row_len_s = 0; row_lens may be null: every tensor whole).
+#pragma once
+#include <cstdint>
+
+#include "common/cpu_isa.h"
+#include "common/gram_math.h"
+
+namespace mkf {
+
+// Elements per block of the CPU sums (csrc/gram/gram_blocks.h): streamed chunks start at multiples.
+constexpr int64_t kGramBlock = 1 << 14;
+
+// ---- CPU (csrc/gram/gram_cpu.cpp), per instruction-set level (common/cpu_isa.h) ----
+#define MKF_GRAM_CPU_API                                                                         \
+  /* Gram matrices of `count` tensors; deterministic for any thread count and CPU level. */     \
+  void gram_cpu(int dtype, int64_t k, int64_t count, const uint64_t* ptrs, const int64_t* numels, \
+                const int64_t* row_lens, int rounding, double* out, int threads);                \
+  /* Streaming: the k x k sums of each kGramBlock block of one chunk of a whole tensor into */  \
+  /* partials[block * k * k] (the blocks gram_cpu adds in order); returns the block count. */    \
+  int64_t gram_partials_cpu(int dtype, int64_t k, const uint64_t* ptrs, int64_t n, int rounding, \
+                            double* partials, int threads)
+MKF_GRAM_CPU_API;
+MKF_DECLARE_PER_ISA(MKF_GRAM_CPU_API)
+
+#if defined(MKF_WITH_CUDA)
+// ---- CUDA (csrc/gram/gram_cuda.cu) ----
+// One whole tensor (row_len 0) or one tensor per row: a partial-sum kernel over fixed chunks of
+// kGramCudaChunk elements writing fp64 partials into `workspace` (gram_cuda_workspace_bytes),
+// then a fixed-order reduction into out (device memory, rows x k x k fp64). No host sync.
+constexpr int64_t kGramCudaChunk = 1 << 14;
+int64_t gram_cuda_workspace_bytes(int64_t k, int64_t n, int64_t row_len);
+void gram_cuda(int dtype, int64_t k, const uint64_t* host_ptrs, int64_t n, int64_t row_len,
+               int rounding, double* out, void* workspace, uintptr_t stream);
+// Many small whole tensors in one launch, one block per tensor: `table` is a DEVICE array of
+// count * (k + 2) int64 values: per tensor the k input addresses, the base address (0: none) and
+// the numel; out is count x k x k fp64 (device).
+void gram_segments_cuda(int dtype, int64_t k, int64_t count, const int64_t* table, int rounding,
+                        double* out, uintptr_t stream);
+#endif
+
+}  // namespace mkf
