@@ -167,6 +167,16 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("dtype"), py::arg("k"), py::arg("ptrs"), py::arg("n"), py::arg("rounding"),
       py::arg("partials"), py::arg("threads") = 0);
+  m.def(
+      "model_stock_apply_cpu",
+      [](int dtype, int64_t n_models, uintptr_t ptrs, int64_t numel, int64_t row_len, uintptr_t ts,
+         int threads) {
+        py::gil_scoped_release nogil;
+        mkf::model_stock_apply_cpu(dtype, n_models, ptr<const uint64_t>(ptrs), numel, row_len,
+                                   ptr<const double>(ts), threads);
+      },
+      py::arg("dtype"), py::arg("n_models"), py::arg("ptrs"), py::arg("numel"), py::arg("row_len"),
+      py::arg("ts"), py::arg("threads") = 0);
   // END gram bindings
 
   // ---------------------------------------------------------------- top-k routing

@@ -47,3 +47,18 @@ void gram_segments_cuda(int dtype, int64_t k, int64_t count, const int64_t* tabl
 #endif
 
 }  // namespace mkf
+
+namespace mkf {
+
+// ---- the elementwise apply steps of the gram-based methods (csrc/gram/apply_cpu.cpp) ----
+// model_stock: out = R(R(t * avg) + R(R(1 - t) * base)) with avg = R(s / n), s = R(...R(R(0 + x_0)
+// + x_1)... + x_{n-1}): mergekit's `t * (sum(models) / n) + (1 - t) * base` op by op in the
+// tensor's dtype (common/rounding.h). ptrs: the n models, the base, then the output; `ts` holds
+// one t per row of row_len elements (row_len 0: one t for the whole tensor), values of the dtype.
+#define MKF_GRAM_APPLY_CPU_API                                                                  \
+  void model_stock_apply_cpu(int dtype, int64_t n_models, const uint64_t* ptrs, int64_t numel, \
+                             int64_t row_len, const double* ts, int threads)
+MKF_GRAM_APPLY_CPU_API;
+MKF_DECLARE_PER_ISA(MKF_GRAM_APPLY_CPU_API)
+
+}  // namespace mkf

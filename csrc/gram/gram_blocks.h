@@ -11,6 +11,7 @@
 #pragma once
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "common/parallel.h"
@@ -29,10 +30,21 @@ constexpr int64_t kParallelMin = 1 << 18;
 
 inline int64_t count(int64_t n) { return (n + kBlock - 1) / kBlock; }
 
+// A Terms type may bring its own lane_sums(lo, len, out) (same order of additions, written so that
+// the compiler vectorises across the lanes); it says so with `static constexpr bool kLaneSums = true`.
+template <typename T, typename = void>
+struct has_lane_sums : std::false_type {};
+template <typename T>
+struct has_lane_sums<T, std::void_t<decltype(T::kLaneSums)>> : std::bool_constant<T::kLaneSums> {};
+
 // NS sums over the elements [lo, lo + len) (len <= kBlock, or any length for one segment):
 // terms(i, t) writes the NS terms of element i into t[0 .. NS-1].
 template <int NS, typename Terms>
 inline void lane_sums(int64_t lo, int64_t len, Terms&& terms, double* out) {
+  if constexpr (has_lane_sums<std::decay_t<Terms>>::value) {
+    terms.lane_sums(lo, len, out);
+    return;
+  }
   double acc[NS][kLanes];
   for (int s = 0; s < NS; ++s)
     for (int l = 0; l < kLanes; ++l) acc[s][l] = 0.0;

@@ -33,6 +33,41 @@ struct GramTerms {
   const S* b;
   int k;
 
+  // blocks::lane_sums with the lanes innermost (vectorised); the same additions in the same order.
+  static constexpr bool kLaneSums = KT > 0;
+  inline void lane_sums(int64_t lo, int64_t len, double* out) const {
+    constexpr int K = KT > 0 ? KT : 1;
+    constexpr int NS = K * (K + 1) / 2;
+    constexpr int L = blocks::kLanes;
+    double acc[NS][L];
+    for (int s = 0; s < NS; ++s)
+      for (int l = 0; l < L; ++l) acc[s][l] = 0.0;
+    int64_t i = 0;
+    for (; i + L <= len; i += L) {
+      const int64_t e = lo + i;
+      typename T::D d[K][L];
+      for (int q = 0; q < K; ++q)
+        for (int l = 0; l < L; ++l) d[q][l] = kBase ? T::delta(x[q][e + l], b[e + l]) : T::value(x[q][e + l]);
+      int p = 0;
+      for (int a = 0; a < K; ++a) {
+        for (int l = 0; l < L; ++l) acc[p][l] += T::square(d[a][l]);
+        ++p;
+        for (int c = a + 1; c < K; ++c, ++p)
+          for (int l = 0; l < L; ++l) acc[p][l] += T::product(d[a][l], d[c][l]);
+      }
+    }
+    for (int l = 0; i < len; ++i, ++l) {
+      double t[NS];
+      (*this)(lo + i, t);
+      for (int s = 0; s < NS; ++s) acc[s][l] += t[s];
+    }
+    for (int s = 0; s < NS; ++s) {
+      double v = 0.0;
+      for (int l = 0; l < L; ++l) v += acc[s][l];
+      out[s] = v;
+    }
+  }
+
   inline void operator()(int64_t i, double* t) const {
     const int K = KT > 0 ? KT : k;
     typename T::D d[KM];

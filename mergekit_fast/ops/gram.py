@@ -154,3 +154,39 @@ def gram(xs: Sequence[torch.Tensor], base: torch.Tensor | None = None, *, row_le
     """
     return gram_many([list(xs)], [base], row_lens=[row_len], rounding=rounding, backend=backend,
                      threads=threads)[0]  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- the methods' apply steps
+
+
+def native_ready(tensors: Sequence[torch.Tensor], backend: str = "auto") -> bool:
+    """Whether the C++ kernels serve these tensors: CPU, one dtype the kernels take, contiguous, the
+    native module built, and ``backend`` (a method's Context.backend) auto or cpp."""
+    if not tensors or (backend or "auto") not in ("auto", "cpp") or _native.C is None:
+        return False
+    if not hasattr(_native.C, "model_stock_apply_cpu"):
+        return False
+    x0 = tensors[0]
+    return (
+        x0.device.type == "cpu"
+        and x0.dtype in SUPPORTED_DTYPES
+        and all(x.dtype == x0.dtype and x.device == x0.device and x.is_contiguous() for x in tensors)
+        and all(x.shape == x0.shape for x in tensors)
+    )
+
+
+def model_stock_apply(models: Sequence[torch.Tensor], base: torch.Tensor, t: torch.Tensor, *, row_len: int = 0,
+                      out: torch.Tensor | None = None, threads: int = 0) -> torch.Tensor:  # fmt: skip
+    """mergekit's ``t * (sum(models) / n) + (1 - t) * base`` op by op in the dtype, in one native pass.
+
+    ``t`` holds one value of the dtype per row of ``row_len`` elements (row_len 0: one value); the
+    tensors are contiguous CPU tensors of one dtype (``native_ready``)."""
+    out = torch.empty_like(base) if out is None else out
+    ts = t.detach().reshape(-1).to(torch.float64).contiguous()
+    rows = base.numel() // row_len if row_len > 0 else 1
+    if ts.numel() != rows:
+        raise ValueError(f"model_stock_apply: {ts.numel()} values of t for {rows} rows")
+    ptrs = array("Q", [x.data_ptr() for x in models] + [base.data_ptr(), out.data_ptr()])
+    _native.C.model_stock_apply_cpu(_native.dtype_tag(base.dtype), len(models), ptrs.buffer_info()[0], base.numel(),
+                                    row_len, ts.data_ptr(), threads or torch.get_num_threads())  # fmt: skip
+    return out

@@ -1,0 +1,80 @@
+"""The gram-based methods' compute (gram op + native apply) against their torch references, which
+perform mergekit 0.1.5's ops in mergekit's dtypes (tests/test_methods_other.py checks those against
+mergekit itself).
+
+Criterion: bit-identical, except where a 16-bit input's norm or dot product, summed exactly here and
+in fp32 by torch, rounds to the neighbouring value of the dtype (torch's fp32 rounding error crossing
+a rounding boundary: about 1e-5 of the sums at these sizes). Such a case moves a coefficient by an
+ulp of the dtype and so most elements by at most an ulp of the output; the tests allow it for at
+most one case in each batch and check the ulp bound there.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import needs_native
+
+from mergekit_fast import methods
+from mergekit_fast.methods.base import Context
+from mergekit_fast.ops._verify import ulp
+
+pytestmark = needs_native
+DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float64]
+
+
+def _models(k, shape, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g)
+    common = torch.randn(shape, generator=g)
+    xs = [base + 0.02 * (0.5 * common + torch.randn(shape, generator=g)) for _ in range(k)]
+    return [base.to(dtype)] + [x.to(dtype) for x in xs]
+
+
+def _compare(method, inputs, params, *, ctx=None):
+    ctx = ctx or Context(name="t")
+    got = method.compute([x.clone() for x in inputs], params, ctx)
+    ref = method.reference([x.clone() for x in inputs], params, ctx)
+    assert got.shape == ref.shape and got.dtype == ref.dtype
+    if torch.equal(got, ref):
+        return True
+    scale = sum(x.double().abs() for x in inputs)
+    assert bool(((got.double() - ref.double()).abs() <= ulp(scale, got.dtype)).all())
+    return False
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("filter_wise", [False, True])
+def test_model_stock(dtype, filter_wise):
+    m = methods.get("model_stock")
+    equal = []
+    for k, shape in ((2, (64, 96)), (3, (33, 17)), (4, (5, 7, 40)), (2, (300,)), (3, (1, 1))):
+        equal.append(_compare(m, _models(k, shape, dtype, seed=k + len(shape)), {"filter_wise": filter_wise}))
+    assert sum(not e for e in equal) <= 1, equal
+
+
+def test_model_stock_into_an_output_buffer_and_odd_cases():
+    m = methods.get("model_stock")
+    inputs = _models(2, (40, 50), torch.bfloat16, seed=3)
+    out = torch.empty(40, 50, dtype=torch.bfloat16)
+    got = m.compute(inputs, {"filter_wise": True}, Context(), out=out)
+    assert got.data_ptr() == out.data_ptr() and torch.equal(
+        out, m.reference(inputs, {"filter_wise": True}, Context())
+    )
+    # models equal to the base (zero task vectors), models that cancel out, a NaN
+    b = inputs[0]
+    for xs in ([b, b.clone(), b.clone()], [b, b + 0.5, b - 0.5], [b, inputs[1], inputs[2]]):
+        xs = [x.clone() for x in xs]
+        ref = m.reference(xs, {"filter_wise": False}, Context())
+        assert torch.equal(m.compute(xs, {"filter_wise": False}, Context()), ref)
+    xs = [x.clone() for x in inputs]
+    xs[1][3, 4] = float("nan")
+    got, ref = (f(xs, {"filter_wise": True}, Context()) for f in (m.compute, m.reference))
+    assert torch.equal(got.isnan(), ref.isnan()) and torch.equal(got.nan_to_num(), ref.nan_to_num())
+
+
+def test_model_stock_torch_backend_is_the_reference():
+    m = methods.get("model_stock")
+    inputs = _models(2, (8, 8), torch.bfloat16, seed=1)
+    ctx = Context(backend="torch")
+    assert torch.equal(m.compute(inputs, {}, ctx), m.reference(inputs, {}, ctx))
