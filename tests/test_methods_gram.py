@@ -78,3 +78,33 @@ def test_model_stock_torch_backend_is_the_reference():
     inputs = _models(2, (8, 8), torch.bfloat16, seed=1)
     ctx = Context(backend="torch")
     assert torch.equal(m.compute(inputs, {}, ctx), m.reference(inputs, {}, ctx))
+
+
+def test_torch_dot_adds_unrounded_products_in_fp32():
+    # what karcher's _GramSums assumes: torch.dot of bf16 vectors is the fp32 sum of the exact products
+    g = torch.Generator().manual_seed(0)
+    differ = same = 0
+    for _ in range(300):
+        n = int(torch.randint(2, 3000, (1,), generator=g))
+        a, b = torch.randn(n, generator=g).bfloat16(), (torch.randn(n, generator=g) + 1).bfloat16()
+        exact = (a.double() * b.double()).sum().float().bfloat16()
+        rounded = (a * b).double().sum().float().bfloat16()
+        if exact != rounded:
+            differ += 1
+            same += bool(torch.dot(a, b) == exact)
+    assert differ > 50 and same == differ
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_karcher(dtype):
+    m = methods.get("karcher")
+    equal = []
+    for k, shape, params in ((2, (64, 96), {}), (3, (33, 17), {"max_iter": 3}), (4, (300,), {"tol": 1e-3})):
+        equal.append(
+            _compare(m, _models(k, shape, dtype, seed=k)[1:], {"max_iter": 10, "tol": 1e-5, **params})
+        )
+    assert sum(not e for e in equal) <= 1, equal
+    # a zero input, an input equal to the mean
+    x = _models(2, (50,), dtype, seed=9)
+    assert _compare(m, [x[0], torch.zeros_like(x[0]), x[1]], {"max_iter": 10, "tol": 1e-5})
+    assert _compare(m, [x[0], x[0].clone()], {"max_iter": 10, "tol": 1e-5})
