@@ -177,6 +177,14 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("dtype"), py::arg("n_models"), py::arg("ptrs"), py::arg("numel"), py::arg("row_len"),
       py::arg("ts"), py::arg("threads") = 0);
+  m.def(
+      "model_stock_cpu",
+      [](int dtype, int64_t n_models, uintptr_t ptrs, int64_t numel, int64_t row_len, int threads) {
+        py::gil_scoped_release nogil;
+        return mkf::model_stock_cpu(dtype, n_models, ptr<const uint64_t>(ptrs), numel, row_len, threads);
+      },
+      py::arg("dtype"), py::arg("n_models"), py::arg("ptrs"), py::arg("numel"), py::arg("row_len"),
+      py::arg("threads") = 0);
   // END gram bindings
 
   // ---------------------------------------------------------------- top-k routing

@@ -108,3 +108,82 @@ def test_karcher(dtype):
     x = _models(2, (50,), dtype, seed=9)
     assert _compare(m, [x[0], torch.zeros_like(x[0]), x[1]], {"max_iter": 10, "tol": 1e-5})
     assert _compare(m, [x[0], x[0].clone()], {"max_iter": 10, "tol": 1e-5})
+
+
+def _native_stock(inputs, filter_wise):
+    """model_stock's torch-free path (native_cpu) on torch tensors, as the engine calls it."""
+    from types import SimpleNamespace
+
+    from mergekit_fast import dtypes
+
+    m = methods.get("model_stock")
+    t = SimpleNamespace(name="w", shape=tuple(inputs[0].shape), in_dtype=dtypes.of(inputs[0].dtype),
+                        inputs=[None] * len(inputs), params=(("filter_wise", filter_wise),))  # fmt: skip
+    assert m.native_ok(t)
+    out = torch.empty_like(inputs[0])
+    (ok,) = m.native_cpu([t], [[x.data_ptr() for x in inputs]], [out.data_ptr()], 2)
+    return out, ok
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("filter_wise", [False, True])
+def test_model_stock_without_torch_equals_the_reference(dtype, filter_wise):
+    m = methods.get("model_stock")
+    equal = []
+    for k, shape in ((2, (64, 96)), (3, (33, 17)), (4, (5, 7, 40)), (2, (300,)), (3, (1, 1)), (5, (20, 30))):
+        inputs = _models(k, shape, dtype, seed=k + len(shape))
+        got, ok = _native_stock(inputs, filter_wise)
+        ref = m.reference(inputs, {"filter_wise": filter_wise}, Context())
+        assert ok
+        if not torch.equal(got, ref):
+            scale = sum(x.double().abs() for x in inputs)
+            assert bool(((got.double() - ref.double()).abs() <= ulp(scale, dtype)).all())
+        equal.append(torch.equal(got, ref))
+    assert sum(not e for e in equal) <= 1, equal
+
+
+def test_model_stock_without_torch_odd_cases():
+    m = methods.get("model_stock")
+    b = _models(2, (40, 50), torch.bfloat16, seed=3)
+    for xs in ([b[0], b[0].clone(), b[0].clone()], [b[0], b[0] + 0.5, b[0] - 0.5], b):
+        for fw in (False, True):
+            got, ok = _native_stock([x.clone() for x in xs], fw)
+            assert ok and torch.equal(
+                got, m.reference([x.clone() for x in xs], {"filter_wise": fw}, Context())
+            )
+    xs = [x.clone() for x in b]
+    xs[1][3, 4] = float("nan")
+    got, ok = _native_stock(xs, True)
+    ref = m.reference(xs, {"filter_wise": True}, Context())
+    assert (
+        not ok and torch.equal(got.isnan(), ref.isnan()) and torch.equal(got.nan_to_num(), ref.nan_to_num())
+    )
+
+
+@pytest.mark.parametrize("filter_wise", [False, True])
+def test_engine_native_path_equals_the_torch_path(tmp_path, monkeypatch, filter_wise):
+    from fixtures_models import make_model
+    from helpers import read_model, run_ours
+    from test_methods_other import fine_tune
+
+    from mergekit_fast.methods.model_stock import ModelStock
+
+    a = make_model(tmp_path / "a", seed=11, num_layers=1)
+    b = fine_tune(a, tmp_path / "b", seed=1, density=0.5)
+    c = fine_tune(a, tmp_path / "c", seed=2, density=0.3)
+    config = (f"models:\n  - model: {b}\n  - model: {c}\nmerge_method: model_stock\nbase_model: {a}\n"
+              f"parameters: {{filter_wise: {str(filter_wise).lower()}}}\ndtype: bfloat16\n")  # fmt: skip
+    calls = []
+    native = ModelStock.native_cpu
+
+    def counting(*args, **kw):
+        calls.append(len(args[0]))
+        return native(*args, **kw)
+
+    monkeypatch.setattr(ModelStock, "native_cpu", staticmethod(counting))
+    ours = read_model(run_ours(config, tmp_path / "native"))
+    assert sum(calls) > 0
+    torch_path = read_model(run_ours(config, tmp_path / "torch", "--backend", "torch"))
+    assert sorted(ours) == sorted(torch_path)
+    for name in ours:
+        assert torch.equal(ours[name], torch_path[name]), name

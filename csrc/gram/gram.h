@@ -55,9 +55,14 @@ namespace mkf {
 // + x_1)... + x_{n-1}): mergekit's `t * (sum(models) / n) + (1 - t) * base` op by op in the
 // tensor's dtype (common/rounding.h). ptrs: the n models, the base, then the output; `ts` holds
 // one t per row of row_len elements (row_len 0: one t for the whole tensor), values of the dtype.
+// model_stock_cpu: the whole method (16-bit dtypes give mergekit's bits; common/method_math.h):
+// the gram of the task vectors in the input rounding, t per row (row_len 0: one t), then the apply
+// above. Same ptrs; returns how many output elements are not finite.
 #define MKF_GRAM_APPLY_CPU_API                                                                  \
   void model_stock_apply_cpu(int dtype, int64_t n_models, const uint64_t* ptrs, int64_t numel, \
-                             int64_t row_len, const double* ts, int threads)
+                             int64_t row_len, const double* ts, int threads);                   \
+  int64_t model_stock_cpu(int dtype, int64_t n_models, const uint64_t* ptrs, int64_t numel,     \
+                          int64_t row_len, int threads)
 MKF_GRAM_APPLY_CPU_API;
 MKF_DECLARE_PER_ISA(MKF_GRAM_APPLY_CPU_API)
 

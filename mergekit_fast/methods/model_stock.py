@@ -122,6 +122,40 @@ class ModelStock(MergeMethod):
             return out.copy_(result)
         return g.model_stock_apply(models, base, t, row_len=row_len, out=out, threads=ctx.threads)
 
+    def native_ok(self, tensor) -> bool:
+        """The torch-free path (native_cpu) serves 16-bit tensors of at least one dimension: their sums
+        rounded to the dtype are torch's (see compute); fp32 and fp64 go through compute."""
+        from mergekit_fast import _native
+
+        return (
+            _native.C is not None
+            and hasattr(_native.C, "model_stock_cpu")
+            and tensor.in_dtype.itemsize == 2
+            and len(tensor.shape) >= 1
+            and 3 <= len(tensor.inputs) <= 17  # the base and 2 to 16 models (the gram kernel's k)
+        )
+
+    @staticmethod
+    def native_cpu(tensors, inputs, outs, threads, seed=None):
+        """The whole method by address, without torch (csrc/gram/apply_cpu.cpp, model_stock_cpu: the
+        gram, t per row in the dtype's arithmetic as torch computes it, the apply); per tensor
+        whether every output element is finite."""
+        import math
+        from array import array
+
+        from mergekit_fast import _native
+
+        flags = []
+        for t, ins, out in zip(tensors, inputs, outs):
+            filter_wise = bool(dict(t.params).get("filter_wise", False))
+            numel = math.prod(t.shape)
+            row_len = t.shape[-1] if filter_wise and len(t.shape) >= 2 else 0
+            ptrs = array("Q", [*ins[1:], ins[0], out])  # the models, the base, the output
+            bad = _native.C.model_stock_cpu(t.in_dtype.native, len(ins) - 1, ptrs.buffer_info()[0], numel, row_len,
+                                            threads)  # fmt: skip
+            flags.append(bad == 0)
+        return flags
+
     def verify_scale(self, inputs, params):
         return abs_sum(inputs)
 
