@@ -185,6 +185,14 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("dtype"), py::arg("n_models"), py::arg("ptrs"), py::arg("numel"), py::arg("row_len"),
       py::arg("threads") = 0);
+  m.def(
+      "nuslerp_cpu",
+      [](int dtype, uintptr_t ptrs, int64_t numel, int64_t row_len, double t, int threads) {
+        py::gil_scoped_release nogil;
+        return mkf::nuslerp_cpu(dtype, ptr<const uint64_t>(ptrs), numel, row_len, t, threads);
+      },
+      py::arg("dtype"), py::arg("ptrs"), py::arg("numel"), py::arg("row_len"), py::arg("t"),
+      py::arg("threads") = 0);
   // END gram bindings
 
   // ---------------------------------------------------------------- top-k routing

@@ -187,3 +187,51 @@ def test_engine_native_path_equals_the_torch_path(tmp_path, monkeypatch, filter_
     assert sorted(ours) == sorted(torch_path)
     for name in ours:
         assert torch.equal(ours[name], torch_path[name]), name
+
+
+def _native_method(name, inputs, params):
+    """A method's torch-free path (native_cpu) on torch tensors, as the engine calls it."""
+    from types import SimpleNamespace
+
+    from mergekit_fast import dtypes
+
+    m = methods.get(name)
+    t = SimpleNamespace(name="w", shape=tuple(inputs[0].shape), in_dtype=dtypes.of(inputs[0].dtype),
+                        inputs=[None] * len(inputs), params=tuple(params.items()))  # fmt: skip
+    assert m.native_ok(t)
+    out = torch.empty_like(inputs[0])
+    (ok,) = m.native_cpu([t], [[x.data_ptr() for x in inputs]], [out.data_ptr()], 2)
+    return out, ok
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("flatten", [True, False])
+@pytest.mark.parametrize("with_base", [True, False])
+def test_nuslerp(dtype, flatten, with_base):
+    m = methods.get("nuslerp")
+    equal = []
+    for k, (shape, t) in enumerate((((64, 96), 0.3), ((33, 17), 0.5), ((300,), 1.4), ((5, 7, 40), -0.2))):
+        inputs = _models(2, shape, dtype, seed=k)
+        inputs = inputs if with_base else inputs[1:]
+        params = {"t": t, "weights": (1 - t, t), "row_wise": False, "flatten": flatten}
+        equal.append(_compare(m, inputs, params))
+        got, ok = _native_method("nuslerp", inputs, params)
+        ref = m.reference([x.clone() for x in inputs], params, Context())
+        assert ok and (torch.equal(got, ref) or not equal[-1])
+    assert sum(not e for e in equal) <= 1, equal
+    # colinear vectors (the lerp), zero task vectors, a NaN
+    x = _models(2, (20, 30), dtype, seed=7)
+    params = {"t": 0.3, "weights": (0.7, 0.3), "row_wise": False, "flatten": flatten}
+    for xs in ([x[0], x[1], x[1].clone()], [x[0], x[0].clone(), x[0].clone()], [x[0], x[1], 2 * x[1]]):
+        assert _compare(m, xs, params)
+    xs = [y.clone() for y in x]
+    xs[1][2, 3] = float("nan")
+    got, ref = m.compute(xs, params, Context()), m.reference(xs, params, Context())
+    assert torch.equal(got.isnan(), ref.isnan()) and torch.equal(got.nan_to_num(), ref.nan_to_num())
+
+
+def test_nuslerp_columns_use_the_reference():
+    m = methods.get("nuslerp")
+    inputs = _models(2, (16, 24), torch.bfloat16, seed=2)
+    params = {"t": 0.4, "weights": (0.6, 0.4), "row_wise": True, "flatten": False}
+    assert torch.equal(m.compute(inputs, params, Context()), m.reference(inputs, params, Context()))

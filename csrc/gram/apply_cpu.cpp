@@ -17,6 +17,7 @@
 #include "common/parallel.h"
 #include "common/rounding.h"
 #include "gram/gram.h"
+#include "gram/gram_blocks.h"
 
 namespace mkf::MKF_ISA_NS {
 namespace {
@@ -98,7 +99,97 @@ int64_t stock_all(int n, const uint64_t* ptrs, int64_t numel, int64_t row_len, i
   return stock<F>(n, ptrs, numel, rl, ts.data(), threads);
 }
 
+// nuslerp's second pass: the terms R(R(v0 / n0) R(v1 / n1)) of one row.
+template <typename F, bool kBase>
+struct NuslerpDotTerm {
+  using S = typename F::S;
+  using C = typename F::C;
+  const S *x0, *x1, *b;
+  C n0, n1;
+  inline C v(const S* x, int64_t i) const {
+    return kBase ? F::round(F::load(x[i]) - F::load(b[i])) : F::load(x[i]);
+  }
+  inline void operator()(int64_t i, double* t) const {
+    t[0] = static_cast<double>(F::round(F::round(v(x0, i) / n0) * F::round(v(x1, i) / n1)));
+  }
+};
+
+template <typename F, bool kBase>
+int64_t nuslerp_rows(const uint64_t* ptrs, int64_t numel, int64_t row_len, double t, int threads) {
+  using S = typename F::S;
+  using C = typename F::C;
+  const int64_t rows = (row_len > 0 && row_len < numel) ? numel / row_len : 1;
+  const int64_t len = rows > 1 ? row_len : numel;
+  const S* x0 = reinterpret_cast<const S*>(ptrs[0]);
+  const S* x1 = reinterpret_cast<const S*>(ptrs[1]);
+  const S* b = reinterpret_cast<const S*>(ptrs[2]);
+  S* out = reinterpret_cast<S*>(ptrs[3]);
+  // pass 1: the squared norms of the rows
+  std::vector<double> G(static_cast<size_t>(rows) * 4);
+  const uint64_t table[3] = {ptrs[0], ptrs[1], kBase ? ptrs[2] : 0};
+  const int64_t rl = rows > 1 ? row_len : 0;
+  ::mkf::MKF_ISA_NS::gram_cpu(F::kTag, 2, 1, table, &numel, &rl, kGramInput, G.data(), threads);
+  std::vector<NuslerpCoeffs<F>> co(static_cast<size_t>(rows));
+  // pass 2: the dots of the normalised rows, then the coefficients
+  const int inner = rows > 1 ? 1 : threads;
+  parallel_for(rows, (rows > 1 && numel >= kParallelMin) ? threads : 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t off = r * len;
+      NuslerpDotTerm<F, kBase> term{x0 + off, x1 + off, kBase ? b + off : nullptr,
+                                    nuslerp_norm<F>(G[r * 4 + 0]), nuslerp_norm<F>(G[r * 4 + 3])};
+      double dot = 0.0;
+      blocks::sums<1>(len, 1, inner, term, &dot);
+      co[r].n0 = term.n0;
+      co[r].n1 = term.n1;
+      nuslerp_angle<F>(co[r], dot, t);
+    }
+  });
+  // pass 3: the interpolation, plus the base
+  const int64_t nc = (numel + kChunk - 1) / kChunk;
+  std::atomic<int64_t> bad{0};
+  parallel_for(nc, numel >= kParallelMin ? threads : 1, [&](int64_t c0, int64_t c1) {
+    int64_t local = 0;
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t lo = c * kChunk, hi = std::min(numel, lo + kChunk);
+      for (int64_t i = lo; i < hi; ++i) {
+        const NuslerpCoeffs<F>& k = co[rows > 1 ? i / len : 0];
+        C r;
+        if constexpr (kBase) {
+          const C bv = F::load(b[i]);
+          const C v0 = F::round(F::load(x0[i]) - bv), v1 = F::round(F::load(x1[i]) - bv);
+          r = F::round(bv + nuslerp_elem<F>(k, v0, v1));
+        } else {
+          r = nuslerp_elem<F>(k, F::load(x0[i]), F::load(x1[i]));
+        }
+        out[i] = F::store(r);
+        local += !(r - r == C(0));
+      }
+    }
+    bad += local;
+  });
+  return bad.load();
+}
+
 }  // namespace
+
+int64_t nuslerp_cpu(int dtype, const uint64_t* ptrs, int64_t numel, int64_t row_len, double t, int threads) {
+  if (row_len > 0 && numel % row_len != 0)
+    throw std::invalid_argument("nuslerp: the row length does not divide the numel");
+  if (numel <= 0) return 0;
+  threads = default_threads(threads);
+  const bool base = ptrs[2] != 0;
+  switch (dtype) {
+    case kF32: return base ? nuslerp_rows<FmtF32, true>(ptrs, numel, row_len, t, threads)
+                           : nuslerp_rows<FmtF32, false>(ptrs, numel, row_len, t, threads);
+    case kF16: return base ? nuslerp_rows<FmtF16, true>(ptrs, numel, row_len, t, threads)
+                           : nuslerp_rows<FmtF16, false>(ptrs, numel, row_len, t, threads);
+    case kBF16: return base ? nuslerp_rows<FmtBF16, true>(ptrs, numel, row_len, t, threads)
+                            : nuslerp_rows<FmtBF16, false>(ptrs, numel, row_len, t, threads);
+    case kF64: return base ? nuslerp_rows<FmtF64, true>(ptrs, numel, row_len, t, threads)
+                           : nuslerp_rows<FmtF64, false>(ptrs, numel, row_len, t, threads);
+    default: throw std::invalid_argument("nuslerp: unsupported dtype tag " + std::to_string(dtype));
+  }
+}
 
 void model_stock_apply_cpu(int dtype, int64_t n_models, const uint64_t* ptrs, int64_t numel, int64_t row_len,
                            const double* ts, int threads) {
@@ -149,6 +240,10 @@ void model_stock_apply_cpu(int dtype, int64_t n_models, const uint64_t* ptrs, in
 int64_t model_stock_cpu(int dtype, int64_t n_models, const uint64_t* ptrs, int64_t numel, int64_t row_len,
                         int threads) {
   MKF_CPU_DISPATCH(model_stock_cpu, dtype, n_models, ptrs, numel, row_len, threads);
+}
+
+int64_t nuslerp_cpu(int dtype, const uint64_t* ptrs, int64_t numel, int64_t row_len, double t, int threads) {
+  MKF_CPU_DISPATCH(nuslerp_cpu, dtype, ptrs, numel, row_len, t, threads);
 }
 
 }  // namespace mkf

@@ -58,11 +58,17 @@ namespace mkf {
 // model_stock_cpu: the whole method (16-bit dtypes give mergekit's bits; common/method_math.h):
 // the gram of the task vectors in the input rounding, t per row (row_len 0: one t), then the apply
 // above. Same ptrs; returns how many output elements are not finite.
+// nuslerp_cpu: mergekit's nuslerp of v_i = x_i - base (or x_i; ptrs: x_0, x_1, the base or 0, the
+// output) per row of row_len elements (0: the whole tensor), op by op in the dtype: the norms (the
+// gram), the dot of the normalised vectors (a second pass), the interpolation (a third); returns
+// how many output elements are not finite (common/method_math.h has the scalar math).
 #define MKF_GRAM_APPLY_CPU_API                                                                  \
   void model_stock_apply_cpu(int dtype, int64_t n_models, const uint64_t* ptrs, int64_t numel, \
                              int64_t row_len, const double* ts, int threads);                   \
   int64_t model_stock_cpu(int dtype, int64_t n_models, const uint64_t* ptrs, int64_t numel,     \
-                          int64_t row_len, int threads)
+                          int64_t row_len, int threads);                                         \
+  int64_t nuslerp_cpu(int dtype, const uint64_t* ptrs, int64_t numel, int64_t row_len, double t, \
+                      int threads)
 MKF_GRAM_APPLY_CPU_API;
 MKF_DECLARE_PER_ISA(MKF_GRAM_APPLY_CPU_API)
 
