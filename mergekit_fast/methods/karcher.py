@@ -63,6 +63,8 @@ class _GramSums(_TorchSums):
 
         from mergekit_fast.ops.gram import gram
 
+        if mean.numel() > 1 << 24:  # torch's fp32 lanes drift by an ulp of the dtype (methods/nuslerp.py)
+            return super().dots(mean, dirs)
         g = gram([mean, *dirs], threads=self.threads)[0, 1:]
         return list(g.to(torch.float32).to(mean.dtype).unbind())
 
