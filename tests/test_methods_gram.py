@@ -235,3 +235,16 @@ def test_nuslerp_columns_use_the_reference():
     inputs = _models(2, (16, 24), torch.bfloat16, seed=2)
     params = {"t": 0.4, "weights": (0.6, 0.4), "row_wise": True, "flatten": False}
     assert torch.equal(m.compute(inputs, params, Context()), m.reference(inputs, params, Context()))
+
+
+def test_long_vectors_keep_torchs_sums():
+    # beyond 2^15 elements torch's bf16 sum is not the exactly rounded one (model_stock.GRAM_MAX_SUM):
+    # there the statistics come from torch and the results are mergekit's bits
+    inputs = _models(2, (1024, 512), torch.bfloat16, seed=21)
+    m = methods.get("model_stock")
+    for fw in (False, True):
+        got = m.compute([x.clone() for x in inputs], {"filter_wise": fw}, Context())
+        assert torch.equal(got, m.reference(inputs, {"filter_wise": fw}, Context()))
+    m = methods.get("nuslerp")
+    params = {"t": 0.3, "weights": (0.7, 0.3), "row_wise": False, "flatten": True}
+    assert torch.equal(m.compute(inputs, params, Context()), m.reference(inputs, params, Context()))

@@ -26,6 +26,12 @@ from mergekit_fast.methods.base import (
     Scope,
 )
 
+# torch's sum of a bf16 tensor (the dot products' `(d_i * d_j).sum()`) is not the fp32 sum of its terms
+# rounded once beyond 2^15 elements: measured, a quarter of the sums of 2^16 to 2^19 products round to the
+# neighbouring bf16 value (torch.norm and torch.dot stay exact-then-rounded up to 2^24), and a dot an ulp
+# off moves t, so most elements, by an ulp. Longer rows take their sums from torch.
+GRAM_MAX_SUM = 1 << 15
+
 
 def _torch_stats(base, models):
     """The norms of the task vectors and their pairwise dot products, along the last dimension, as
@@ -91,12 +97,12 @@ class ModelStock(MergeMethod):
         return (t * average + (1 - t) * base).reshape(shape)
 
     def compute(self, inputs, params, ctx: Context, out=None):
-        """The reference's math with one pass for the statistics and one for the result: 16-bit inputs
-        take their norms and dot products from the gram op (fp64 sums of exactly the terms torch adds,
-        rounded as torch rounds its fp32 sums: the same values but where torch's own fp32 rounding
-        error crosses a rounding boundary of the dtype); fp32 and fp64 inputs from torch, whose order
-        of additions no other sum reproduces. t * mean + (1 - t) * base then runs natively, op by op
-        in the dtype as torch does: the same bits."""
+        """The reference's math with one pass for the statistics and one for the result: 16-bit rows of
+        at most GRAM_MAX_SUM elements take their norms and dot products from the gram op (fp64 sums of
+        exactly the terms torch adds, rounded as torch rounds its fp32 sums: the same values but where
+        torch's own fp32 rounding error crosses a rounding boundary of the dtype); longer rows, fp32 and
+        fp64 from torch, whose order of additions no other sum reproduces. t * mean + (1 - t) * base
+        then runs natively, op by op in the dtype as torch does: the same bits."""
         from mergekit_fast.ops import gram as g
 
         base, models = inputs[0], list(inputs[1:])
@@ -106,7 +112,7 @@ class ModelStock(MergeMethod):
 
         rows = bool(params.get("filter_wise", False)) and base.dim() >= 2
         row_len = base.shape[-1] if rows else 0
-        if base.dtype in (torch.bfloat16, torch.float16):
+        if base.dtype in (torch.bfloat16, torch.float16) and (row_len or base.numel()) <= GRAM_MAX_SUM:
             G = g.gram(models, base, row_len=row_len, rounding="input", threads=ctx.threads).to(torch.float32)
             k = len(models)
             norms = [G[..., i, i].sqrt().to(base.dtype) for i in range(k)]
@@ -123,8 +129,9 @@ class ModelStock(MergeMethod):
         return g.model_stock_apply(models, base, t, row_len=row_len, out=out, threads=ctx.threads)
 
     def native_ok(self, tensor) -> bool:
-        """The torch-free path (native_cpu) serves 16-bit tensors of at least one dimension: their sums
-        rounded to the dtype are torch's (see compute); fp32 and fp64 go through compute."""
+        """The torch-free path (native_cpu) serves 16-bit tensors of at least one dimension whose rows
+        have at most GRAM_MAX_SUM elements: their sums rounded to the dtype are torch's (see compute);
+        the others go through compute."""
         from mergekit_fast import _native
 
         return (
@@ -133,7 +140,16 @@ class ModelStock(MergeMethod):
             and tensor.in_dtype.itemsize == 2
             and len(tensor.shape) >= 1
             and 3 <= len(tensor.inputs) <= 17  # the base and 2 to 16 models (the gram kernel's k)
+            and self._row_len(tensor) <= GRAM_MAX_SUM
         )
+
+    @staticmethod
+    def _row_len(tensor) -> int:
+        import math
+
+        if bool(dict(tensor.params).get("filter_wise", False)) and len(tensor.shape) >= 2:
+            return tensor.shape[-1]
+        return math.prod(tensor.shape)
 
     @staticmethod
     def native_cpu(tensors, inputs, outs, threads, seed=None):

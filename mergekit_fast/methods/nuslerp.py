@@ -60,11 +60,11 @@ def nuslerp(t: float, v0, v1, *, row_wise: bool = False, flatten: bool = True):
     return out.reshape(shape)
 
 
-# The native kernel's sums are exact (fp64). torch's bf16 norm adds the squares in a few fp32 lanes, which
-# for vectors of 2^25 elements and more is off by an ulp of the dtype (measured: 115.5 where the exact
-# norm rounds to 116.0 at 2^25, equal up to 2^24); mergekit's bits then follow torch's rounding, and a
-# different norm moves every element. Longer vectors go through the reference, which reproduces them.
-_NATIVE_MAX_VECTOR = 1 << 24
+# The native kernel's sums are exact (fp64). torch's sum of a bf16 tensor (the dot's
+# `torch.sum(u0 * u1)`) is not the fp32 sum of its terms rounded once beyond 2^15 elements (measured:
+# about a quarter of the sums of 2^16 to 2^19 terms round to the neighbouring bf16 value), and a dot an
+# ulp off moves every element: longer vectors go through the reference, which reproduces mergekit's bits.
+_NATIVE_MAX_VECTOR = 1 << 15
 
 
 def _native_rows(shape, params) -> int | None:
