@@ -4,6 +4,11 @@
 //
 // A kernel file (common/cpu_isa.h): compiled once per CPU instruction-set level, each time in
 // namespace mkf::MKF_ISA_NS; the baseline compile also defines the mkf:: dispatchers.
+//
+// No constant-propagation clones: GCC names a clone of an inline standard-library function (a
+// std::vector constructor, say) as the function itself, outside this level's namespace, and compiles
+// it with this level's instructions (tests/test_build.py: no wide instructions outside the levels).
+#pragma GCC optimize("no-ipa-cp-clone")
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -91,10 +96,10 @@ int64_t stock_all(int n, const uint64_t* ptrs, int64_t numel, int64_t row_len, i
     throw std::invalid_argument("model_stock: at most " + std::to_string(kGramMaxInputs) + " models");
   const int64_t rows = (row_len > 0 && row_len < numel) ? numel / row_len : 1;
   std::vector<uint64_t> table(ptrs, ptrs + n + 1);  // the models, then the base
-  std::vector<double> G(static_cast<size_t>(rows) * n * n);
+  blocks::Buffer G(static_cast<size_t>(rows) * n * n);
   const int64_t rl = rows > 1 ? row_len : 0;
   ::mkf::MKF_ISA_NS::gram_cpu(F::kTag, n, 1, table.data(), &numel, &rl, kGramInput, G.data(), threads);
-  std::vector<double> ts(static_cast<size_t>(rows));
+  blocks::Buffer ts(static_cast<size_t>(rows));
   for (int64_t r = 0; r < rows; ++r) ts[r] = static_cast<double>(model_stock_t<F>(G.data() + r * n * n, n));
   return stock<F>(n, ptrs, numel, rl, ts.data(), threads);
 }
@@ -125,7 +130,7 @@ int64_t nuslerp_rows(const uint64_t* ptrs, int64_t numel, int64_t row_len, doubl
   const S* b = reinterpret_cast<const S*>(ptrs[2]);
   S* out = reinterpret_cast<S*>(ptrs[3]);
   // pass 1: the squared norms of the rows
-  std::vector<double> G(static_cast<size_t>(rows) * 4);
+  blocks::Buffer G(static_cast<size_t>(rows) * 4);
   const uint64_t table[3] = {ptrs[0], ptrs[1], kBase ? ptrs[2] : 0};
   const int64_t rl = rows > 1 ? row_len : 0;
   ::mkf::MKF_ISA_NS::gram_cpu(F::kTag, 2, 1, table, &numel, &rl, kGramInput, G.data(), threads);

@@ -10,6 +10,7 @@
 // A streamed tensor whose chunks start at multiples of kBlock therefore gets the sums of the whole.
 #pragma once
 #include <algorithm>
+#include <cstddef>
 #include <cstdint>
 #include <type_traits>
 #include <vector>
@@ -29,6 +30,19 @@ constexpr int kLanes = 8;
 constexpr int64_t kParallelMin = 1 << 18;
 
 inline int64_t count(int64_t n) { return (n + kBlock - 1) / kBlock; }
+
+// A zeroed fp64 buffer, named in this level's namespace: GCC clones inline std::vector members for
+// constant arguments under their std:: names, compiled with this level's instructions
+// (tests/test_build.py allows wide instructions only in the levels' namespaces).
+struct Buffer {
+  explicit Buffer(size_t n) : p(new double[n]()) {}
+  ~Buffer() { delete[] p; }
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+  double* data() { return p; }
+  double& operator[](size_t i) { return p[i]; }
+  double* p;
+};
 
 // A Terms type may bring its own lane_sums(lo, len, out) (same order of additions, written so that
 // the compiler vectorises across the lanes); it says so with `static constexpr bool kLaneSums = true`.
@@ -118,7 +132,7 @@ inline void sums(int64_t n, int ns, int threads, Terms&& terms, double* out) {
     }
     return;
   }
-  std::vector<double> part(static_cast<size_t>(nb) * width);
+  Buffer part(static_cast<size_t>(nb) * width);
   partials<NS>(n, ns, threads, terms, part.data());
   for (int64_t b = 0; b < nb; ++b)
     for (int s = 0; s < width; ++s) out[s] += part[b * width + s];

@@ -4,6 +4,11 @@
 //
 // A kernel file (common/cpu_isa.h): compiled once per CPU instruction-set level, each time in
 // namespace mkf::MKF_ISA_NS; the baseline compile also defines the mkf:: dispatchers.
+//
+// No constant-propagation clones: GCC names a clone of an inline standard-library function (a
+// std::vector constructor, say) as the function itself, outside this level's namespace, and compiles
+// it with this level's instructions (tests/test_build.py: no wide instructions outside the levels).
+#pragma GCC optimize("no-ipa-cp-clone")
 #include "gram/gram.h"
 
 #include <algorithm>
@@ -113,7 +118,7 @@ int64_t gram_partials_seg(int k, const uint64_t* ptrs, int64_t n, int threads, d
   terms.k = k;
   const int ns = k * (k + 1) / 2;
   const int64_t nb = blocks::count(n);
-  std::vector<double> packed(static_cast<size_t>(nb) * ns);
+  blocks::Buffer packed(static_cast<size_t>(nb) * ns);
   blocks::partials<(KT > 0 ? KT * (KT + 1) / 2 : 0)>(n, ns, threads, terms, packed.data());
   for (int64_t b = 0; b < nb; ++b) unpack(packed.data() + b * ns, k, out + b * k * k);
   return nb;
