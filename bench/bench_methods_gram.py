@@ -107,7 +107,9 @@ def main(argv=None) -> int:
         print(f"{name:12s} ours {med['mergekit_fast']:.3f} s  mergekit {med['mergekit']:.3f} s  "
               f"x{row['speedup']:.2f}  floor {floor:.3f} s (ours {row['vs_floor']:.1f}x)  differ {differ:.2e}",
               flush=True)  # fmt: skip
-    csv_path, _ = common.write_rows(rows, args.out, f"methods-gram-{common.machine_tag()}")
+    csv_path, _ = common.write_rows(
+        rows, args.out, f"methods-gram-{'x'.join(map(str, args.shape))}-{common.machine_tag()}"
+    )
     print(f"wrote {csv_path}")
     return 0
 
