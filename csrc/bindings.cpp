@@ -11,6 +11,7 @@
 
 #include "combine/combine.h"
 #include "common/cpu_isa.h"
+#include "gram/gram.h"
 #include "routing/routing.h"
 #include "select/select.h"
 #include "slerp/slerp.h"
@@ -144,6 +145,57 @@ PYBIND11_MODULE(_C, m) {
       py::arg("out_ptrs"), py::arg("numels"), py::arg("ts"), py::arg("eps"),
       py::arg("dot_threshold"), py::arg("stream"));
 #endif
+
+  // ---------------------------------------------------------------- gram and the gram-based methods
+  // BEGIN gram bindings (owned by csrc/gram/ and csrc/rowwise/; see gram/gram.h)
+  m.attr("gram_block") = mkf::kGramBlock;
+  m.attr("gram_max_inputs") = mkf::kGramMaxInputs;
+  m.def(
+      "gram_cpu",
+      [](int dtype, int64_t k, int64_t count, uintptr_t ptrs, uintptr_t numels, uintptr_t row_lens,
+         int rounding, uintptr_t out, int threads) {
+        py::gil_scoped_release nogil;
+        mkf::gram_cpu(dtype, k, count, ptr<const uint64_t>(ptrs), ptr<const int64_t>(numels),
+                      ptr<const int64_t>(row_lens), rounding, ptr<double>(out), threads);
+      },
+      py::arg("dtype"), py::arg("k"), py::arg("count"), py::arg("ptrs"), py::arg("numels"),
+      py::arg("row_lens"), py::arg("rounding"), py::arg("out"), py::arg("threads") = 0);
+  m.def(
+      "gram_partials_cpu",
+      [](int dtype, int64_t k, uintptr_t ptrs, int64_t n, int rounding, uintptr_t partials, int threads) {
+        py::gil_scoped_release nogil;
+        return mkf::gram_partials_cpu(dtype, k, ptr<const uint64_t>(ptrs), n, rounding,
+                                      ptr<double>(partials), threads);
+      },
+      py::arg("dtype"), py::arg("k"), py::arg("ptrs"), py::arg("n"), py::arg("rounding"),
+      py::arg("partials"), py::arg("threads") = 0);
+  m.def(
+      "model_stock_apply_cpu",
+      [](int dtype, int64_t n_models, uintptr_t ptrs, int64_t numel, int64_t row_len, uintptr_t ts,
+         int threads) {
+        py::gil_scoped_release nogil;
+        mkf::model_stock_apply_cpu(dtype, n_models, ptr<const uint64_t>(ptrs), numel, row_len,
+                                   ptr<const double>(ts), threads);
+      },
+      py::arg("dtype"), py::arg("n_models"), py::arg("ptrs"), py::arg("numel"), py::arg("row_len"),
+      py::arg("ts"), py::arg("threads") = 0);
+  m.def(
+      "model_stock_cpu",
+      [](int dtype, int64_t n_models, uintptr_t ptrs, int64_t numel, int64_t row_len, int threads) {
+        py::gil_scoped_release nogil;
+        return mkf::model_stock_cpu(dtype, n_models, ptr<const uint64_t>(ptrs), numel, row_len, threads);
+      },
+      py::arg("dtype"), py::arg("n_models"), py::arg("ptrs"), py::arg("numel"), py::arg("row_len"),
+      py::arg("threads") = 0);
+  m.def(
+      "nuslerp_cpu",
+      [](int dtype, uintptr_t ptrs, int64_t numel, int64_t row_len, double t, int threads) {
+        py::gil_scoped_release nogil;
+        return mkf::nuslerp_cpu(dtype, ptr<const uint64_t>(ptrs), numel, row_len, t, threads);
+      },
+      py::arg("dtype"), py::arg("ptrs"), py::arg("numel"), py::arg("row_len"), py::arg("t"),
+      py::arg("threads") = 0);
+  // END gram bindings
 
   // ---------------------------------------------------------------- top-k routing
   // BEGIN routing bindings (owned by csrc/routing/; see routing/routing.h)

@@ -30,14 +30,55 @@ from mergekit_fast.methods.base import (
 )
 
 
-def karcher_mean(tensors, alphas, max_iter: int = 10, tol: float = 1e-5):
-    """The weighted Karcher mean of ``tensors`` (weights ``alphas``) times their weighted mean norm."""
+class _TorchSums:
+    """mergekit's reductions: vector norms in fp32 (fp64 for fp64 tensors), dot products in the dtype."""
+
+    def norms(self, xs, acc):
+        import torch
+
+        return [torch.linalg.vector_norm(x.to(acc)) for x in xs]
+
+    def dots(self, mean, dirs):
+        import torch
+
+        flat = mean.flatten()
+        return [torch.dot(flat, u.flatten()) for u in dirs]
+
+
+class _GramSums(_TorchSums):
+    """The dot products from the gram op: fp64 sums of the exact products of 16-bit values, rounded to
+    fp32 then to the dtype. torch.dot adds the unrounded products in fp32 (tests/test_methods_gram.py),
+    so the values are torch's except where its fp32 rounding error crosses a rounding boundary of the
+    16-bit dtype; and all the dots of a step take one pass over the tensors, instead of one torch.dot
+    each (torch.dot of bf16 vectors is slow: 30 ms per 1.5M elements, a third of karcher's time).
+    The norms stay torch's: they are fp32 values, and over millions of elements torch's fp32 sum is
+    several fp32 ulps from the exact one, which moves 6% of the output elements by an ulp (measured on
+    3 x 1.5M bf16 elements); torch's values give mergekit's bits."""
+
+    def __init__(self, threads: int = 0):
+        self.threads = threads
+
+    def dots(self, mean, dirs):
+        import torch
+
+        from mergekit_fast.ops.gram import gram
+
+        if mean.numel() > 1 << 24:  # torch's fp32 lanes drift by an ulp of the dtype (methods/nuslerp.py)
+            return super().dots(mean, dirs)
+        g = gram([mean, *dirs], threads=self.threads)[0, 1:]
+        return list(g.to(torch.float32).to(mean.dtype).unbind())
+
+
+def karcher_mean(tensors, alphas, max_iter: int = 10, tol: float = 1e-5, sums=None):
+    """The weighted Karcher mean of ``tensors`` (weights ``alphas``) times their weighted mean norm.
+    ``sums`` computes the norms and dot products (default: torch, as mergekit)."""
     import torch
 
     if len(tensors) == 1:
         return tensors[0]
+    sums = sums or _TorchSums()
     acc = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
-    norms = [torch.linalg.vector_norm(x.to(acc)) for x in tensors]
+    norms = sums.norms(tensors, acc)
     units = [
         torch.zeros_like(x) if nrm.item() == 0.0 else (x / nrm).to(x.dtype) for x, nrm in zip(tensors, norms)
     ]
@@ -51,23 +92,22 @@ def karcher_mean(tensors, alphas, max_iter: int = 10, tol: float = 1e-5):
     mean = torch.zeros_like(dirs[0])
     for a, u in zip(weights, dirs):
         mean += a * u
-    length = torch.linalg.vector_norm(mean.to(acc))
+    (length,) = sums.norms([mean], acc)
     mean = dirs[0].clone() if length.item() < tol else (mean / length).to(mean.dtype)
 
     for _ in range(max_iter):
         step = torch.zeros_like(mean)
-        flat_mean = mean.flatten()
-        for a, u in zip(weights, dirs):
-            cos = torch.clamp(torch.dot(flat_mean, u.flatten()), -1.0, 1.0)
+        for a, u, dot in zip(weights, dirs, sums.dots(mean, dirs)):
+            cos = torch.clamp(dot, -1.0, 1.0)
             theta = torch.arccos(cos)
             if theta.item() < tol:
                 continue  # already at the estimate: no pull
             step += a * (theta / torch.sin(theta)) * (u - cos * mean)
-        step_len = torch.linalg.vector_norm(step.to(acc))
+        (step_len,) = sums.norms([step], acc)
         if step_len.item() < tol:
             break
         mean = (torch.cos(step_len) * mean + torch.sin(step_len) * (step / step_len)).to(mean.dtype)
-        length = torch.linalg.vector_norm(mean.to(acc))
+        (length,) = sums.norms([mean], acc)
         if length.item() > tol:
             mean = (mean / length).to(mean.dtype)
 
@@ -83,8 +123,9 @@ class Karcher(MergeMethod):
         Param("tol", float, Scope.SHARED, 1e-5, doc="stop when a step is shorter; skip shorter norms/angles"),
     )
     contract = Contract(BasePolicy.IGNORED, 1, None)
-    # CPU: compute is the reference (0 ulp). On another device the input-dtype dot products round
-    # differently each step; after the iterations the direction moves by a few ulps of the input dtype.
+    # CPU: compute is the reference but for the dots of 16-bit inputs (see compute), which can round to
+    # the neighbouring value where torch's fp32 sum sits at a rounding boundary. On another device the
+    # input-dtype dot products round differently each step; after the iterations the direction moves by a few ulps of the input dtype.
     tolerance = {"bfloat16": 4.0, "float16": 4.0, "float32": 16.0, "float64": 16.0}
 
     def plan(self, group):
@@ -102,6 +143,20 @@ class Karcher(MergeMethod):
         n = len(inputs)
         out = karcher_mean(list(inputs), [1.0 / n] * n, params.get("max_iter", 10), params.get("tol", 1e-5))
         return out.clone() if n == 1 else out
+
+    def compute(self, inputs, params, ctx: Context, out=None):
+        """The reference with its dot products from the gram op for 16-bit CPU tensors (_GramSums); fp32
+        and fp64 keep torch's sums, whose order of additions no other sum reproduces."""
+        from mergekit_fast.ops.gram import native_ready
+
+        if len(inputs) < 2 or inputs[0].itemsize != 2 or not native_ready(inputs, ctx.backend):
+            return super().compute(inputs, params, ctx, out)
+        n = len(inputs)
+        result = karcher_mean(list(inputs), [1.0 / n] * n, params.get("max_iter", 10), params.get("tol", 1e-5),
+                              _GramSums(ctx.threads))  # fmt: skip
+        if out is not None:
+            return out.copy_(result)
+        return result
 
     def verify_scale(self, inputs, params):
         # the result is a unit direction times the mean norm: its elements are of the inputs' size

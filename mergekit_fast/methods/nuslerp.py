@@ -60,6 +60,38 @@ def nuslerp(t: float, v0, v1, *, row_wise: bool = False, flatten: bool = True):
     return out.reshape(shape)
 
 
+# The native kernel's sums are exact (fp64). torch's sum of a bf16 tensor (the dot's
+# `torch.sum(u0 * u1)`) is not the fp32 sum of its terms rounded once beyond 2^15 elements (measured:
+# about a quarter of the sums of 2^16 to 2^19 terms round to the neighbouring bf16 value), and a dot an
+# ulp off moves every element: longer vectors go through the reference, which reproduces mergekit's bits.
+_NATIVE_MAX_VECTOR = 1 << 15
+
+
+def _native_rows(shape, params) -> int | None:
+    """The native kernel's row length for this tensor (0: the whole tensor), or None where it does not
+    serve it (columns, a 0-d tensor, vectors longer than _NATIVE_MAX_VECTOR)."""
+    import math
+
+    if len(shape) == 0 or (params.get("row_wise", False) and not params.get("flatten", True)):
+        return None
+    row_len = 0 if params.get("flatten", True) or len(shape) < 2 else shape[-1]
+    return row_len if (row_len or math.prod(shape)) <= _NATIVE_MAX_VECTOR else None
+
+
+def _run_native(dtype, ptrs: list[int], out: int, numel: int, row_len: int, t: float, threads: int) -> int:
+    """ptrs: the base (optional) and the two models, in the planned order."""
+    from array import array
+
+    from mergekit_fast import _native
+
+    base = ptrs[0] if len(ptrs) == 3 else 0
+    x0, x1 = ptrs[-2:]
+    table = array("Q", [x0, x1, base, out])
+    return _native.C.nuslerp_cpu(
+        _native.dtype_tag(dtype), table.buffer_info()[0], numel, row_len, float(t), threads
+    )
+
+
 class Nuslerp(MergeMethod):
     name = "nuslerp"
     description = "spherical interpolation of two models (or their task vectors) at t = w_1 / (w_0 + w_1)"
@@ -71,8 +103,11 @@ class Nuslerp(MergeMethod):
     contract = Contract(BasePolicy.OPTIONAL, 1, None, min_non_base=2, max_non_base=2,
                         hint=" (two models to interpolate, plus an optional base_model)")  # fmt: skip
     optional_policy = OptionalPolicy.PASSTHROUGH_SINGLETON
-    # CPU: compute is the reference (0 ulp). On another device the input-dtype norms and the dot
-    # product round differently: the angle, so the coefficients, move by an ulp of the input dtype.
+    # CPU: 16-bit tensors run natively (compute), with the reference's ops in the dtype; their sums are
+    # exact in fp64 where torch's are fp32, which can round a norm or the dot to the neighbouring value
+    # of the dtype, and torch's vectorised sin/acos (Sleef) can differ from libm's by an fp32 ulp: the
+    # angle, so the coefficients, move by an ulp of the dtype. On another device the input-dtype norms
+    # and the dot product round differently, with the same effect.
     tolerance = {"bfloat16": 2.0, "float16": 2.0, "float32": 4.0, "float64": 4.0}
 
     def plan(self, group):
@@ -95,6 +130,53 @@ class Nuslerp(MergeMethod):
             base, x0, x1 = inputs
             return base + nuslerp(t, x0 - base, x1 - base, **kw)
         return nuslerp(t, inputs[0], inputs[1], **kw)
+
+    def compute(self, inputs, params, ctx: Context, out=None):
+        """16-bit CPU tensors: the native kernel (nuslerp_cpu: the norms from the gram op, the dot of
+        the normalised vectors, the interpolation, each a pass, op by op in the dtype as torch computes
+        them); anything else: the reference."""
+        from mergekit_fast import _native
+        from mergekit_fast.ops.gram import native_ready
+
+        row_len = _native_rows(inputs[0].shape, params)
+        if (row_len is None or inputs[0].itemsize != 2 or not native_ready(inputs, ctx.backend)
+                or not hasattr(_native.C, "nuslerp_cpu")):  # fmt: skip
+            return super().compute(inputs, params, ctx, out)
+        import torch
+
+        result = out if out is not None and out.is_contiguous() and out.dtype == inputs[0].dtype else None
+        result = torch.empty_like(inputs[0]) if result is None else result
+        ptrs = [x.data_ptr() for x in inputs]
+        _run_native(
+            inputs[0].dtype, ptrs, result.data_ptr(), inputs[0].numel(), row_len, params["t"], ctx.threads
+        )
+        if out is not None and result is not out:
+            return out.copy_(result)
+        return result
+
+    def native_ok(self, tensor) -> bool:
+        """The torch-free path serves 16-bit tensors interpolated whole or by rows (not by columns)."""
+        from mergekit_fast import _native
+
+        return (
+            _native.C is not None
+            and hasattr(_native.C, "nuslerp_cpu")
+            and tensor.in_dtype.itemsize == 2
+            and _native_rows(tuple(tensor.shape), dict(tensor.params)) is not None
+        )
+
+    @staticmethod
+    def native_cpu(tensors, inputs, outs, threads, seed=None):
+        """nuslerp by address (csrc/gram/apply_cpu.cpp, nuslerp_cpu), without torch."""
+        import math
+
+        flags = []
+        for t, ins, out in zip(tensors, inputs, outs):
+            p = dict(t.params)
+            bad = _run_native(t.in_dtype, list(ins), out, math.prod(t.shape), _native_rows(tuple(t.shape), p), p["t"],
+                              threads)  # fmt: skip
+            flags.append(bad == 0)
+        return flags
 
     def verify_scale(self, inputs, params):
         # the coefficients are at most 1 / sin(theta) in size; with t in [0, 1] the terms are bounded by
