@@ -29,40 +29,9 @@ constexpr int kLanes = 8;
 // Below this many elements a tensor runs on one thread: spawning costs more than it saves.
 constexpr int64_t kParallelMin = 1 << 18;
 
-// Host element formats. The CPU build converts 16-bit floats with scalar code that gcc
-// vectorises (bf16 is a shift; fp16 uses the hardware conversion when the compiler has it).
-struct HostBF16 {
-  using storage = uint16_t;
-  static inline float load(storage v) { return bf16_to_f32(v); }
-  static inline storage store(float f) {
-    uint32_t u = f32_to_bits(f);
-    uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-    uint32_t nan = (u >> 16) | 0x0040u;
-    return static_cast<storage>(((u & 0x7fffffffu) > 0x7f800000u) ? nan : rounded);
-  }
-};
-struct HostF16 {
-#if defined(__FLT16_MAX__) && !defined(MKF_NO_FLOAT16)
-  using storage = _Float16;
-  static inline float load(storage v) { return static_cast<float>(v); }
-  static inline storage store(float f) { return static_cast<_Float16>(f); }
-#else
-  using storage = uint16_t;
-  static inline float load(storage v) { return f16_to_f32(v); }
-  static inline storage store(float f) { return f32_to_f16(f); }
-#endif
-};
-struct HostF32 {
-  using storage = float;
-  static inline float load(storage v) { return v; }
-  static inline storage store(float f) { return f; }
-};
-// fp64 inputs use fp64 math throughout (mergekit does the same).
-struct HostF64 {
-  using storage = double;
-  static inline double load(storage v) { return v; }
-  static inline storage store(double f) { return f; }
-};
+// Host element formats (16-bit floats converted with scalar code gcc vectorises; fp64 inputs use
+// fp64 math throughout, as mergekit does).
+#include "common/host_formats.h"
 
 // GCC/Clang vector extensions: the accumulators stay in registers and the loop compiles to
 // packed conversions and multiply-adds. The kLanes lanes are kParts vectors of kVec doubles:
