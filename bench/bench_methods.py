@@ -147,5 +147,19 @@ def main(argv=None) -> int:
     return 0
 
 
+def op_main(op: str, method_names: list[str], doc: str, argv=None) -> int:
+    """The per-op kernel benchmark that bench/gpu_check.sh runs (bench_<op>.py): these methods' kernels.
+    The op has C++ CPU kernels only so far, so it measures on the CPU whatever --device says."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", type=Path, default=common.RESULTS)
+    args = p.parse_args(argv)
+    if args.device != "cpu":
+        print(f"{op}: no {args.device} kernels yet; measuring the C++ CPU kernels")
+    extra = ["--quick", "--skip-mergekit"] if args.quick else []
+    return main([*extra, "--methods", *method_names, "--out", str(args.out)])
+
+
 if __name__ == "__main__":
     raise SystemExit(main())
