@@ -2,6 +2,7 @@
 // and two OpenMP runtimes in one process oversubscribe the cores).
 #pragma once
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <thread>
 #include <vector>
@@ -14,7 +15,16 @@ inline int default_threads(int requested) {
   return hc == 0 ? 1 : static_cast<int>(hc);
 }
 
-// Calls fn(begin, end) over [0, n) split into `threads` contiguous ranges; the caller runs one.
+// Pieces per thread in parallel_for's dynamic split.
+constexpr int64_t kPiecesPerThread = 8;
+
+// Calls fn(begin, end) over disjoint ranges that cover [0, n), on `threads` threads (the caller is
+// one). The split is dynamic: [0, n) is cut into about kPiecesPerThread pieces per thread, and each
+// thread takes the next free piece when it is done with one, so a thread that stalls (a page fault
+// on a mapped input still being read from disk, the machine's other work) does not hold the others
+// back as a fixed split does. Callers must not depend on which thread runs which range, nor on how
+// many ranges there are: every caller's results are per index (block partials reduced in block
+// order), so they are the same for any split.
 template <typename F>
 void parallel_for(int64_t n, int threads, F&& fn) {
   if (n <= 0) return;
@@ -23,15 +33,19 @@ void parallel_for(int64_t n, int threads, F&& fn) {
     fn(int64_t{0}, n);
     return;
   }
+  const int64_t piece = std::max<int64_t>(1, n / (threads * kPiecesPerThread));
+  std::atomic<int64_t> next{0};
+  auto worker = [&fn, &next, n, piece] {
+    for (;;) {
+      const int64_t b = next.fetch_add(piece, std::memory_order_relaxed);
+      if (b >= n) return;
+      fn(b, std::min(n, b + piece));
+    }
+  };
   std::vector<std::thread> pool;
   pool.reserve(threads - 1);
-  int64_t step = (n + threads - 1) / threads;
-  for (int i = 1; i < threads; ++i) {
-    int64_t b = i * step, e = std::min(n, b + step);
-    if (b >= e) break;
-    pool.emplace_back([&fn, b, e] { fn(b, e); });
-  }
-  fn(int64_t{0}, std::min(n, step));
+  for (int i = 1; i < threads; ++i) pool.emplace_back(worker);
+  worker();
   for (auto& th : pool) th.join();
 }
 
