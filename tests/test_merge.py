@@ -215,6 +215,7 @@ def test_failed_merge_leaves_nothing(models, tmp_path, monkeypatch):
         raise RuntimeError("simulated failure mid-merge")
 
     monkeypatch.setattr(staging.CpuNative, "compute", boom)
+    monkeypatch.setattr(staging.CpuDirect, "compute", boom)
     monkeypatch.setattr(staging.CpuMapped, "compute", boom)
     cfgf = tmp_path / "c.yml"
     cfgf.write_text(SLERP_GRADIENT.format(a=models["a"], b=models["b"]))

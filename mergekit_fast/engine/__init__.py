@@ -37,15 +37,19 @@ from mergekit_fast.engine.jobs import Job, assign_shards, make_jobs, shard_names
 from mergekit_fast.engine.pipeline import Pipeline
 from mergekit_fast.engine.staging import (
     Copy,
+    CpuDirect,
     CpuMapped,
     CpuNative,
     CudaPinned,
+    DirectReads,
+    Prefetch,
     ReadAhead,
     RunState,
     Strategy,
     Streamed,
 )
 from mergekit_fast.errors import MergeError
+from mergekit_fast.io import direct
 from mergekit_fast.io.safetensors import ShardWriter, itemsize
 from mergekit_fast.ops import verify_requested
 from mergekit_fast.plan import MergePlan
@@ -65,6 +69,9 @@ class MergeOptions:
     max_memory: int = 4 << 30  # bytes of buffers in flight
     read_ahead: int = 512 << 20  # bytes of input asked to be read ahead (staging.ReadAhead)
     write_behind: int = 256 << 20  # bytes of output written back at most in flight (ShardWriter); 0: off
+    direct_io: bool = (
+        True  # native CPU jobs read and write with O_DIRECT where the files allow (io/direct.py)
+    )
     copy_tokenizer: bool = True
     write_model_card: bool = True
     force: bool = False  # replace an existing OUT that looks like a merge output
@@ -172,6 +179,16 @@ def _runs_natively(t, plan: MergePlan, writers: dict[str, ShardWriter]) -> bool:
     return True
 
 
+def _direct_inputs(job, run) -> bool:
+    """Every input file of the job takes direct reads (the filesystem allows O_DIRECT)."""
+    for t in job.tensors:
+        for ref in t.inputs:
+            reader = run.reader(ref)
+            if not hasattr(reader, "direct_fd") or reader.direct_fd() is None:
+                return False
+    return True
+
+
 def _streams(t, plan: MergePlan, budget: int) -> bool:
     """A tensor whose inputs and result do not fit the memory budget runs in chunks, when its method can
     (``stream_passes``) and no input needs a gather (vocabulary rows)."""
@@ -251,6 +268,12 @@ def _execute(
         job.streamed = streamed is not None and job.kind == "one" and _streams(job.tensors[0], plan, budget)
         job.native = (native is not None and job.kind != "copy" and not job.streamed
                       and all(_runs_natively(t, plan, writers) for t in job.tensors))  # fmt: skip
+    if opt.direct_io and direct.supported():
+        for job in jobs:
+            job.direct = job.native and _direct_inputs(job, run)
+    reads = DirectReads(run, jobs, opt.read_ahead) if any(j.direct for j in jobs) else None
+    if reads is not None:
+        native_direct = CpuDirect(run, reads)
     if opt.threads and any(j.kind != "copy" and not j.native for j in jobs):
         import torch
 
@@ -259,15 +282,20 @@ def _execute(
     def strategy_of(job: Job) -> Strategy:
         if job.kind == "copy":
             return copy
+        if job.direct:
+            return native_direct
         return streamed if job.streamed else native if job.native else compute
 
     def abort() -> None:
         run.out_pool.close()
         if run.in_pool is not None:
             run.in_pool.close()
+        if reads is not None:
+            reads.stop()
 
     # On the CPU the loader prefaults inputs: one job ahead is enough overlap and keeps RSS bounded.
-    Pipeline(strategy_of, ReadAhead(run, jobs, opt.read_ahead), abort, load_depth=4 if cuda else 1).run(jobs)
+    prefetch = Prefetch(ReadAhead(run, jobs, opt.read_ahead), reads)
+    Pipeline(strategy_of, prefetch, abort, load_depth=4 if cuda else 1).run(jobs)
     return run
 
 

@@ -27,6 +27,7 @@ class Job:
     tensors: list[OutputTensor]
     key: tuple = ()
     native: bool = False  # run by the method's native CPU kernel, by address, into the output mapping
+    direct: bool = False  # native, with its inputs and output moved by direct I/O (staging.CpuDirect)
     streamed: bool = False  # too large for the budget: in chunks (staging.Streamed)
     # filled by the loader / compute stages
     inputs: list = field(default_factory=list)  # per tensor: input tensors (native: addresses)
@@ -36,6 +37,8 @@ class Job:
     outputs: list = field(default_factory=list)  # per tensor: host tensor to write (native: none)
     out_bufs: list = field(default_factory=list)  # pool buffers holding outputs
     reserved: int = 0  # bytes of outputs held outside the pool, accounted in it
+    direct_bufs: list = field(default_factory=list)  # (pool, buffer) of inputs read by direct I/O
+    placed: list = field(default_factory=list)  # direct: where each tensor starts in out_bufs[0]
 
     @property
     def method(self) -> methods.MergeMethod:

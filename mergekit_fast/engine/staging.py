@@ -13,6 +13,9 @@ Strategies:
   Copy        the output is the inputs' bytes: copied file to file (copy_file_range), no decoding.
   CpuNative   the method's native CPU kernel runs by address on the mapped inputs and writes straight
               into a shared mapping of the output shard: no output buffer, no copy, no torch.
+  CpuDirect   CpuNative with direct I/O: inputs read past the page cache into pooled buffers
+              (DirectReads, ahead of the loader), the output computed into a pooled buffer and its
+              whole pages written directly (io/direct.py says why: the CPU cost of page-cache pages).
   CpuMapped   torch views of the mapped inputs (pages faulted on the loader thread), the method's
               torch compute into pooled output buffers, pwrite.
   CudaPinned  inputs staged through pinned buffers and copied to the GPU on a copy stream; compute on
@@ -236,6 +239,230 @@ class CpuNative(Strategy):
             self.run.count_written(self.run.writers[t.name].commit(t.name))
 
 
+class CpuDirect(CpuNative):
+    """CpuNative with direct I/O (io/direct.py): the inputs are read past the page cache into pooled
+    buffers by ``DirectReads``' threads, ahead of the loader; the kernel writes into one pooled output
+    buffer per job, each tensor's bytes placed as they will sit in the file's pages, and the writer sends
+    the whole pages to the disk directly. No page of input or output passes through the page cache or
+    this process's page tables, which is what costs the CPU at 7B (the io/direct.py docstring)."""
+
+    def __init__(self, run: RunState, reads: DirectReads):
+        super().__init__(run)
+        self.reads = reads
+
+    def load(self, job: Job) -> None:
+        from mergekit_fast.io import direct, kernel
+
+        run = self.run
+        for t in job.tensors:
+            self.check_shapes(t)
+        bufs, where = self.reads.take(job)
+        job.direct_bufs.extend(bufs)
+        # One output buffer for the job (one acquire: a budget smaller than a job still lets it run);
+        # tensor i starts at places[i], a page boundary plus its offset within its first file page.
+        places, size = [], 0
+        for t in job.tensors:
+            lead = run.writers[t.name].lead(t.name)
+            places.append(size + lead)
+            size += direct.up(lead + math.prod(t.shape) * t.in_dtype.itemsize)
+        out = run.out_pool.acquire(size)
+        job.out_bufs.append(out)
+        base = kernel.buffer_address(out)
+        for ti, t in enumerate(job.tensors):
+            ins = []
+            for ri, ref in enumerate(t.inputs):
+                buf, off = where[ti, ri]
+                ins.append(0 if buf is None else kernel.buffer_address(buf) + off)
+                run.count_read(run.info(ref).nbytes)
+            job.inputs.append(ins)
+            job.targets.append(base + places[ti])
+        job.placed = places
+
+    def compute(self, job: Job) -> None:
+        run = self.run
+        ts = job.tensors
+        out = job.out_bufs[0]
+        by_dtype: dict[object, list[int]] = {}
+        for i, t in enumerate(ts):
+            by_dtype.setdefault(t.in_dtype, []).append(i)
+        method = job.method
+        try:
+            for idx in by_dtype.values():
+                group = [ts[i] for i in idx]
+                flags = method.native_cpu(group, [job.inputs[i] for i in idx], [job.targets[i] for i in idx],
+                                          run.threads, run.seed)  # fmt: skip
+                if flags is None:  # finite_probe "first", as CpuNative
+                    flags = []
+                    for i, t in zip(idx, group):
+                        at, size = job.placed[i], t.in_dtype.itemsize
+                        first = bytes(out[at : at + size]) if math.prod(t.shape) else b""
+                        flags.append(not first or t.in_dtype.first_is_finite(first))
+                run.finite_flags.extend((t.name, bool(ok)) for t, ok in zip(group, flags))
+        finally:
+            self._release_inputs(job)
+
+    def _release_inputs(self, job: Job) -> None:
+        for pool, buf in job.direct_bufs:
+            pool.release(buf)
+        job.direct_bufs.clear()
+
+    def write(self, job: Job) -> None:
+        out = memoryview(job.out_bufs[0])
+        try:
+            for t, at in zip(job.tensors, job.placed):
+                w = self.run.writers[t.name]
+                self.run.count_written(w.write_placed(t.name, out[at - w.lead(t.name) :]))
+        finally:
+            out.release()  # no export may outlive the write: the pool reuses and closes its buffers
+
+    def recycle(self, job: Job) -> None:
+        self._release_inputs(job)  # a job that failed before its compute
+        job.placed = []
+        super().recycle(job)
+
+
+class DirectReads:
+    """Reads the inputs of the direct jobs (``Job.direct``) ahead of the loader, past the page cache: one
+    thread per input model walks the jobs in order and reads each job's tensors of that model into one
+    buffer of the model's pool (``budget`` bytes shared between the models; a job's buffer larger than
+    the share is read alone, once the model's earlier buffers are back). A direct read is one request
+    per tensor, which the block layer splits into requests that are all in flight at once, and the
+    models' threads read at the same time: the disk sees a deep queue, as with two ``cat``s. ``take``
+    hands a job's buffers to the loader; CpuDirect returns them to the pools after the compute. An error
+    (a short file, an I/O error) is raised by the ``take`` of the job that needed the tensor."""
+
+    def __init__(self, run: RunState, jobs: list[Job], budget: int):
+        self.run = run
+        per: dict[str, list] = {}  # model -> [(job id, [(ti, ri, ref)])] in job order
+        for job in jobs:
+            if not job.direct:
+                continue
+            mine: dict[str, list] = {}
+            for ti, t in enumerate(job.tensors):
+                for ri, ref in enumerate(t.inputs):
+                    mine.setdefault(ref.model, []).append((ti, ri, ref))
+            for model, refs in mine.items():
+                per.setdefault(model, []).append((id(job), refs))
+        self.streams = per
+        self.models_of: dict[int, list[str]] = {}
+        for model, items in per.items():
+            for key, _ in items:
+                self.models_of.setdefault(key, []).append(model)
+        share = max(ReadAhead.CHUNK, budget // max(1, len(per)))
+        self.pools = {model: BufferPool(share) for model in per}
+        self.ready: dict[tuple, tuple] = {}  # (job id, model) -> (pool, buffer, {(ti, ri): offset})
+        self.failed: dict[tuple, BaseException] = {}
+        self.cond = threading.Condition()
+        self.closed = False
+        self.threads: list[threading.Thread] = []
+        self._started = False
+
+    def _read_job(self, pool: BufferPool, refs: list) -> tuple:
+        readers = [(self.run.reader(ref), ref.tensor) for _, _, ref in refs]
+        spans = [reader.direct_span(name) for reader, name in readers]
+        if not any(spans):
+            return pool, None, {(ti, ri): 0 for ti, ri, _ in refs}
+        buf = pool.acquire(sum(spans))
+        try:
+            offsets, at = {}, 0
+            with memoryview(buf) as mv:
+                for (ti, ri, _), (reader, name), span in zip(refs, readers, spans):
+                    offsets[ti, ri] = at + (reader.read_direct(name, mv[at : at + span]) if span else 0)
+                    at += span
+        except BaseException:
+            pool.release(buf)
+            raise
+        return pool, buf, offsets
+
+    def _walk(self, model: str, items: list) -> None:
+        pool = self.pools[model]
+        for job_key, refs in items:
+            key = (job_key, model)
+            try:
+                result = self._read_job(pool, refs)
+            except BaseException as exc:  # noqa: BLE001 - raised by the take that needs it
+                with self.cond:
+                    if not self.closed:
+                        self.failed[key] = exc
+                    self.cond.notify_all()
+                return
+            with self.cond:
+                if self.closed:
+                    if result[1] is not None:
+                        pool.release(result[1])
+                    return
+                self.ready[key] = result
+                self.cond.notify_all()
+
+    def _start(self) -> None:
+        self._started = True
+        for model, items in self.streams.items():
+            th = threading.Thread(target=self._walk, args=(model, items), name="mkf-direct-read", daemon=True)
+            th.start()
+            self.threads.append(th)
+
+    def take(self, job: Job) -> tuple[list, dict]:
+        """The job's input buffers once read: ([(pool, buffer)] to release after the compute,
+        {(tensor index, input index): (buffer, offset of the tensor's first byte)}; buffer None for an
+        empty tensor)."""
+        if not self._started:
+            self._start()
+        bufs, where = [], {}
+        for model in self.models_of.get(id(job), ()):
+            key = (id(job), model)
+            with self.cond:
+                while key not in self.ready:
+                    if key in self.failed:
+                        for pool, buf in bufs:
+                            pool.release(buf)
+                        raise self.failed.pop(key)
+                    if self.closed:
+                        raise MergeError("merge aborted")
+                    self.cond.wait()
+                pool, buf, offsets = self.ready.pop(key)
+            if buf is not None:
+                bufs.append((pool, buf))
+            where.update({k: (buf, off) for k, off in offsets.items()})
+        return bufs, where
+
+    def advance(self, current: int) -> None:
+        if not self._started:
+            self._start()
+
+    def stop(self) -> None:
+        """Wake and end every waiter (an abort): the reading threads end at their next step."""
+        with self.cond:
+            self.closed = True
+            for pool, buf, _ in self.ready.values():
+                if buf is not None:
+                    pool.release(buf)
+            self.ready.clear()
+            self.cond.notify_all()
+        for pool in self.pools.values():
+            pool.close()  # wakes a thread waiting for room
+
+    def close(self) -> None:
+        self.stop()
+        for th in self.threads:
+            th.join()
+        self.threads.clear()
+
+
+class Prefetch:
+    """The pipeline's read-ahead: several (``ReadAhead``'s hints, ``DirectReads``), told the same."""
+
+    def __init__(self, *parts):
+        self.parts = [p for p in parts if p is not None]
+
+    def advance(self, current: int) -> None:
+        for p in self.parts:
+            p.advance(current)
+
+    def close(self) -> None:
+        for p in self.parts:
+            p.close()
+
+
 def all_finite(x):
     """0-d bool tensor: no NaN or Inf in ``x``. min/max propagate NaN and expose +-Inf, and one
     aminmax pass is ~10x faster on the CPU than isfinite(x).all() for 16-bit tensors."""
@@ -429,6 +656,8 @@ class ReadAhead:
         """model -> ([(job index, reader, tensor name, nbytes)], bytes of that model before each job)."""
         per: dict[str, list] = {}
         for j, job in enumerate(self.jobs):
+            if job.direct:
+                continue  # read by DirectReads
             for t in job.tensors:
                 for ref in t.inputs:
                     for f in ref.files:

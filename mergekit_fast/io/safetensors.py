@@ -28,7 +28,7 @@ from pathlib import Path
 
 from mergekit_fast import dtypes
 from mergekit_fast.dtypes import DType
-from mergekit_fast.io import kernel
+from mergekit_fast.io import direct, kernel
 
 # safetensors dtype codes -> dtypes (DType compares equal to the torch dtype of the same name).
 DTYPES: dict[str, DType] = dtypes.BY_CODE
@@ -151,6 +151,9 @@ class ShardReader:
         self._mm = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if size else None
         self._base: int | None = None
         self._advise_base: int | None | bool = False  # False: not looked up yet
+        self._direct: int | None | bool = (
+            False  # the O_DIRECT descriptor (io/direct.py); False: not opened yet
+        )
 
     def _madvise(self, advice: int, start: int, end: int) -> None:
         if self._advise_base is False:
@@ -227,6 +230,31 @@ class ShardReader:
     def fileno(self) -> int:
         return self._file.fileno()
 
+    def direct_fd(self) -> int | None:
+        """An O_DIRECT descriptor of the file (opened once), or None where the filesystem refuses it."""
+        if self._direct is False:
+            self._direct = direct.open_read(self.path)
+        return self._direct
+
+    def read_direct(self, name: str, buf) -> int:
+        """Read the tensor's bytes into ``buf`` (a page-aligned buffer of at least ``direct_span(name)``
+        bytes) past the page cache; returns the offset in ``buf`` of its first byte."""
+        info = self.tensors[name]
+        if info.nbytes == 0:
+            return 0
+        self._check(info)
+        fd = self.direct_fd()
+        if fd is None:
+            raise OSError(errno.EINVAL, f"{self.path}: the filesystem does not do direct I/O")
+        try:
+            return direct.read_into(fd, self._file.fileno(), info.start, info.nbytes, buf)
+        except (OSError, EOFError) as exc:
+            raise SafetensorsError(f"{self.path}: reading tensor {name!r} failed: {exc}") from None
+
+    def direct_span(self, name: str) -> int:
+        info = self.tensors[name]
+        return direct.span(info.start, info.nbytes) if info.nbytes else 0
+
     def addressable(self, name: str) -> bool:
         return True
 
@@ -258,6 +286,9 @@ class ShardReader:
                 # Views are still alive somewhere; the mapping goes when they do.
                 pass
             self._mm = None
+        if isinstance(self._direct, int) and not isinstance(self._direct, bool):
+            os.close(self._direct)
+        self._direct = None
         self._file.close()
 
     def __enter__(self):
@@ -330,6 +361,7 @@ class ShardWriter:
         self._partial: dict[str, int] = {}  # bytes written so far of tensors written in pieces
         self._mm: mmap.mmap | None = None
         self._base = 0
+        self._direct: int | None | bool = False  # O_DIRECT descriptor for write_placed; False: not opened
         try:
             os.pwrite(self._fd, header, 0)
             # Blocks reserved: tensors may be computed in place (target/commit); else pwrite only.
@@ -451,6 +483,33 @@ class ShardWriter:
         self.written.add(name)
         return end - start
 
+    def lead(self, name: str) -> int:
+        """Where tensor ``name``'s first byte goes in a page-aligned buffer for ``write_placed``."""
+        return self.offsets[name][0] % direct.ALIGN
+
+    def write_placed(self, name: str, buf) -> int:
+        """Write tensor ``name`` from ``buf`` (page-aligned), where its bytes start at ``lead(name)``: its
+        whole pages with direct I/O, past the page cache (io/direct.py), the partial first and last
+        pages through it. Returns the bytes written."""
+        start, end = self.offsets[name]
+        if end > start:
+            if self._direct is False:
+                self._direct = direct.open_write(self.path)
+            lead = self.lead(name)
+            try:
+                direct.write_from(self._direct, self._fd, start, memoryview(buf)[lead : lead + end - start])
+            except OSError as exc:
+                raise OSError(
+                    exc.errno, f"{self.path}: writing tensor {name!r} failed: {exc.strerror}"
+                ) from None
+        self.written.add(name)
+        return end - start
+
+    def _close_direct(self) -> None:
+        if isinstance(self._direct, int) and not isinstance(self._direct, bool):
+            os.close(self._direct)
+        self._direct = None
+
     def write_at(self, name: str, offset: int, tensor) -> int:
         """Write part of tensor ``name``: a torch tensor's (or a buffer's) bytes at byte ``offset`` of the
         tensor. The tensor counts as written once all of its bytes have been (pieces must not overlap)."""
@@ -487,6 +546,7 @@ class ShardWriter:
                 f"{self.path.name}: closed before all tensors were written (missing {missing})"
             )
         self._unmap()
+        self._close_direct()
         if fsync:
             os.fsync(self._fd)
         os.close(self._fd)
@@ -500,6 +560,7 @@ class ShardWriter:
 
     def abort(self) -> None:
         self._unmap()
+        self._close_direct()
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None

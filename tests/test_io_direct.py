@@ -1,0 +1,216 @@
+"""Direct I/O (mergekit_fast/io/direct.py) and the merge path that uses it (staging.CpuDirect).
+
+The oracle is the file itself read with plain buffered ``open().read()``, and, for merges, the same
+merge run through the page-cache path (``direct_io=False``): the bytes must be the same.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import random
+
+import pytest
+import torch
+from fixtures_models import make_model
+from helpers import needs_native, read_model
+
+from mergekit_fast.api import merge
+from mergekit_fast.engine import staging
+from mergekit_fast.io import direct
+from mergekit_fast.testing import slerp_gradient_config
+
+pytestmark = pytest.mark.skipif(not direct.supported(), reason="no O_DIRECT on this platform")
+
+A = direct.ALIGN
+SIZE = 5 * A + 123  # a file that ends inside a page
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    path = tmp_path / "data.bin"
+    path.write_bytes(random.Random(0).randbytes(SIZE))
+    fd = direct.open_read(path)
+    if fd is None:
+        pytest.skip(f"{tmp_path}: the filesystem does not do O_DIRECT")
+    fallback = os.open(path, os.O_RDONLY)
+    yield path, fd, fallback
+    os.close(fd)
+    os.close(fallback)
+
+
+# (start, nbytes): aligned, unaligned at either end, within one page, across the file's last page
+RANGES = [(0, A), (0, 3 * A), (5, 10), (A - 1, 2), (100, 2 * A + 17), (3 * A, SIZE - 3 * A),
+          (SIZE - 50, 50), (0, SIZE), (2 * A + 7, SIZE - 2 * A - 7)]  # fmt: skip
+
+
+@pytest.mark.parametrize(("start", "nbytes"), RANGES)
+def test_read_into_gives_the_file_bytes(data_file, start, nbytes):
+    path, fd, fallback = data_file
+    buf = mmap.mmap(-1, direct.span(start, nbytes))
+    off = direct.read_into(fd, fallback, start, nbytes, buf)
+    assert off == start % A
+    assert buf[off : off + nbytes] == path.read_bytes()[start : start + nbytes]
+
+
+def test_read_into_past_the_end_raises(data_file):
+    _, fd, fallback = data_file
+    buf = mmap.mmap(-1, direct.span(SIZE - 10, 20))
+    with pytest.raises(EOFError, match=f"before byte {SIZE + 10}"):
+        direct.read_into(fd, fallback, SIZE - 10, 20, buf)
+
+
+def test_read_into_falls_back_when_the_kernel_refuses(data_file, monkeypatch):
+    # A device that refuses the alignment (EINVAL) gets the rest read through the page cache.
+    path, fd, fallback = data_file
+    real = os.preadv
+    calls = []
+
+    def preadv(f, bufs, offset):
+        calls.append(f)
+        if f == fd:
+            raise OSError(errno.EINVAL, "refused")
+        return real(f, bufs, offset)
+
+    monkeypatch.setattr(os, "preadv", preadv)
+    buf = mmap.mmap(-1, direct.span(100, 2 * A))
+    off = direct.read_into(fd, fallback, 100, 2 * A, buf)
+    assert buf[off : off + 2 * A] == path.read_bytes()[100 : 100 + 2 * A]
+    assert fd in calls and fallback in calls
+
+
+@pytest.mark.parametrize("use_direct", [True, False])
+@pytest.mark.parametrize(("start", "nbytes"), [(0, 2 * A), (10, 3 * A), (A - 3, 6), (7, 5), (A, 4 * A + 9)])
+def test_write_from_writes_exactly_the_range(tmp_path, use_direct, start, nbytes):
+    path = tmp_path / "out.bin"
+    before = random.Random(1).randbytes(6 * A)
+    path.write_bytes(before)
+    payload = random.Random(2).randbytes(nbytes)
+    buf = mmap.mmap(-1, direct.span(start, nbytes))  # page-aligned; the bytes at start % ALIGN
+    lead = start % A
+    buf[lead : lead + nbytes] = payload
+    fallback = os.open(path, os.O_WRONLY)
+    fd = direct.open_write(path) if use_direct else None
+    if use_direct and fd is None:
+        pytest.skip("the filesystem does not do O_DIRECT")
+    try:
+        direct.write_from(fd, fallback, start, memoryview(buf)[lead : lead + nbytes])
+    finally:
+        os.close(fallback)
+        if fd is not None:
+            os.close(fd)
+    expected = before[:start] + payload + before[start + nbytes :]
+    assert path.read_bytes() == expected
+
+
+def test_open_returns_none_where_the_filesystem_refuses(tmp_path, monkeypatch):
+    path = tmp_path / "f"
+    path.write_bytes(b"x" * A)
+
+    def refuse(p, flags, *a):
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(os, "open", refuse)
+    assert direct.open_read(path) is None
+    assert direct.open_write(path) is None
+
+
+def test_open_other_errors_are_raised(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        direct.open_read(tmp_path / "missing")
+
+
+# --- merges -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("direct_models")
+    # Small shards: many tensors start and end inside pages and share pages with their neighbours.
+    shape = {"num_layers": 4, "hidden_size": 64, "intermediate_size": 176}  # MLP tensors of 5.5 pages
+    return (make_model(root / "a", seed=11, max_shard_size="40KB", **shape),
+            make_model(root / "b", seed=12, **shape))  # fmt: skip
+
+
+def _merge(pair, out, **kw):
+    cfg = slerp_gradient_config(str(pair[0]), str(pair[1]), 4)
+    merge(cfg, out, device="cpu", progress=False, write_model_card=False, **kw)
+    return out
+
+
+def _files(out):
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.suffix == ".safetensors"}
+
+
+def _count_loads(monkeypatch):
+    seen = []
+    real = staging.CpuDirect.load
+
+    def load(self, job):
+        seen.append(len(job.tensors))
+        return real(self, job)
+
+    monkeypatch.setattr(staging.CpuDirect, "load", load)
+    return seen
+
+
+@needs_native
+def test_direct_merge_writes_the_same_bytes_as_the_page_cache_path(pair, tmp_path, monkeypatch):
+    seen = _count_loads(monkeypatch)
+    direct_out = _merge(pair, tmp_path / "direct")
+    assert seen, "the direct path did not run"
+    cached = _merge(pair, tmp_path / "cached", direct_io=False)
+    a, b = _files(direct_out), _files(cached)
+    assert a.keys() == b.keys() and a == b
+    assert read_model(direct_out).keys() == read_model(cached).keys()
+
+
+@needs_native
+def test_direct_merge_with_buffers_smaller_than_a_job(pair, tmp_path, monkeypatch):
+    # Every job's input buffer exceeds its model's share and every output buffer the memory budget: each
+    # is served alone, and the merge still completes (one acquire per job and model, no deadlock).
+    monkeypatch.setattr(staging.ReadAhead, "CHUNK", 1)
+    seen = _count_loads(monkeypatch)
+    small = _merge(pair, tmp_path / "small", read_ahead=1, max_memory=1024)
+    assert seen and max(seen) > 1  # jobs of several tensors ran that way too
+    assert _files(small) == _files(_merge(pair, tmp_path / "cached", direct_io=False))
+
+
+@needs_native
+def test_filesystem_without_direct_io_keeps_the_page_cache_path(pair, tmp_path, monkeypatch):
+    monkeypatch.setattr(direct, "open_read", lambda path: None)
+    seen = _count_loads(monkeypatch)
+    out = _merge(pair, tmp_path / "fallback")
+    assert not seen
+    assert _files(out) == _files(_merge(pair, tmp_path / "cached", direct_io=False))
+
+
+@needs_native
+def test_writer_without_direct_io_writes_through_the_page_cache(pair, tmp_path, monkeypatch):
+    monkeypatch.setattr(direct, "open_write", lambda path: None)
+    seen = _count_loads(monkeypatch)
+    out = _merge(pair, tmp_path / "w")
+    assert seen
+    assert _files(out) == _files(_merge(pair, tmp_path / "cached", direct_io=False))
+
+
+def test_input_cut_short_during_the_merge_names_the_file_and_tensor(tmp_path):
+    # Planning checks every tensor's range against the file; a file cut short after that (by another
+    # process) is caught by the direct read itself.
+    from mergekit_fast.io.safetensors import SafetensorsError, ShardReader
+
+    model = make_model(tmp_path / "m", seed=21, num_layers=2, hidden_size=64, intermediate_size=176)
+    shard = next(model.glob("*.safetensors"))
+    reader = ShardReader(shard)
+    try:
+        name = max(reader.tensors, key=lambda n: reader.tensors[n].end)  # the last tensor in the file
+        expected = reader.view(name).clone()
+        buf = mmap.mmap(-1, reader.direct_span(name))
+        off = reader.read_direct(name, buf)
+        assert buf[off : off + expected.numel() * 2] == expected.view(-1).view(torch.uint8).numpy().tobytes()
+        os.truncate(shard, shard.stat().st_size - 3 * A)
+        with pytest.raises(SafetensorsError, match=rf"{shard.name}: reading tensor '{name}' failed"):
+            reader.read_direct(name, buf)
+    finally:
+        reader.close()
