@@ -118,9 +118,9 @@ def merge(config, out_path: str | os.PathLike, *, sources: Mapping[str, Any] | N
             elif isinstance(src, Mapping):
                 src = MemorySource(src, key=str(ref))
             opened[ref] = src
-        plan = build_plan(
-            cfg, sources=opened, allow_crimes=opt.allow_crimes, trust_remote_code=opt.trust_remote_code
-        )
+        # defer_config: the transformers step (the output config.json) overlaps the merge, as in the CLI
+        plan = build_plan(cfg, sources=opened, allow_crimes=opt.allow_crimes,
+                          trust_remote_code=opt.trust_remote_code, defer_config=True)  # fmt: skip
         return run_merge(
             plan, out_path, opt, started=t0, phases={"plan": time.perf_counter() - t0}, executor=ex
         )
