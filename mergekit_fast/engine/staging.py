@@ -322,14 +322,16 @@ class CpuDirect(CpuNative):
 
 
 class DirectReads:
-    """Reads the inputs of the direct jobs (``Job.direct``) ahead of the loader, past the page cache: one
-    thread per input model walks the jobs in order and reads each job's tensors of that model into one
-    buffer of the model's pool (``budget`` bytes shared between the models; a job's buffer larger than
+    """Reads the inputs of the direct jobs (``Job.direct``) ahead of the loader, past the page cache: per
+    input model, ``DEPTH`` threads take the jobs in order and read each job's tensors of that model into
+    one buffer of the model's pool (``budget`` bytes shared between the models; a job's buffer larger than
     the share is read alone, once the model's earlier buffers are back). A direct read is one request
-    per tensor, which the block layer splits into requests that are all in flight at once, and the
-    models' threads read at the same time: the disk sees a deep queue, as with two ``cat``s. ``take``
+    per tensor, which the block layer splits into requests that are all in flight at once; with two
+    such reads per model and the models read at the same time, the disk sees a deep queue. ``take``
     hands a job's buffers to the loader; CpuDirect returns them to the pools after the compute. An error
     (a short file, an I/O error) is raised by the ``take`` of the job that needed the tensor."""
+
+    DEPTH = 2  # reading threads per model (reads in flight)
 
     def __init__(self, run: RunState, jobs: list[Job], budget: int):
         self.run = run
@@ -357,32 +359,44 @@ class DirectReads:
         self.threads: list[threading.Thread] = []
         self._started = False
 
-    def _read_job(self, pool: BufferPool, refs: list) -> tuple:
-        readers = [(self.run.reader(ref), ref.tensor) for _, _, ref in refs]
-        spans = [reader.direct_span(name) for reader, name in readers]
-        if not any(spans):
-            return pool, None, {(ti, ri): 0 for ti, ri, _ in refs}
-        buf = pool.acquire(sum(spans))
+    def _acquire(self, pool: BufferPool, refs: list) -> tuple:
+        """(buffer or None, [(reader, tensor name, span)]) for one job's tensors of one model."""
+        parts = [(reader, ref.tensor, reader.direct_span(ref.tensor)) for reader, ref in
+                 ((self.run.reader(ref), ref) for _, _, ref in refs)]  # fmt: skip
+        total = sum(span for _, _, span in parts)
+        return (pool.acquire(total) if total else None), parts
+
+    def _read(self, pool: BufferPool, refs: list, buf, parts: list) -> tuple:
+        offsets, at = {}, 0
         try:
-            offsets, at = {}, 0
-            with memoryview(buf) as mv:
-                for (ti, ri, _), (reader, name), span in zip(refs, readers, spans):
+            with memoryview(buf) if buf is not None else contextlib.nullcontext() as mv:
+                for (ti, ri, _), (reader, name, span) in zip(refs, parts):
                     offsets[ti, ri] = at + (reader.read_direct(name, mv[at : at + span]) if span else 0)
                     at += span
         except BaseException:
-            pool.release(buf)
+            if buf is not None:
+                pool.release(buf)
             raise
         return pool, buf, offsets
 
-    def _walk(self, model: str, items: list) -> None:
+    def _walk(self, model: str, items: list, state: dict) -> None:
+        """One of the model's reading threads: items (and their buffers, so that an earlier job never
+        waits for room taken by a later one) are handed out in job order; the reads overlap."""
         pool = self.pools[model]
-        for job_key, refs in items:
-            key = (job_key, model)
+        while True:
+            key = None
             try:
-                result = self._read_job(pool, refs)
+                with state["lock"]:
+                    if state["next"] >= len(items) or self.closed:
+                        return
+                    job_key, refs = items[state["next"]]
+                    state["next"] += 1
+                    key = (job_key, model)
+                    buf, parts = self._acquire(pool, refs)
+                result = self._read(pool, refs, buf, parts)
             except BaseException as exc:  # noqa: BLE001 - raised by the take that needs it
                 with self.cond:
-                    if not self.closed:
+                    if not self.closed and key is not None:
                         self.failed[key] = exc
                     self.cond.notify_all()
                 return
@@ -397,9 +411,12 @@ class DirectReads:
     def _start(self) -> None:
         self._started = True
         for model, items in self.streams.items():
-            th = threading.Thread(target=self._walk, args=(model, items), name="mkf-direct-read", daemon=True)
-            th.start()
-            self.threads.append(th)
+            state = {"lock": threading.Lock(), "next": 0}
+            for _ in range(self.DEPTH):
+                th = threading.Thread(target=self._walk, args=(model, items, state), name="mkf-direct-read",
+                                      daemon=True)  # fmt: skip
+                th.start()
+                self.threads.append(th)
 
     def take(self, job: Job) -> tuple[list, dict]:
         """The job's input buffers once read: ([(pool, buffer)] to release after the compute,

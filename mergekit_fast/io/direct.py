@@ -1,13 +1,14 @@
 """Direct I/O (O_DIRECT): file bytes to and from this process's own buffers, past the page cache.
 
-Why (measured on the 2-core development VM, one 5 GB shard, cold; ``bench/io_direct.py``): reading
-through a mapping costs the CPU about 0.4 s per GB (the first touch of every freshly read page-cache
-page: the fault, and on a VM the hypervisor's own first touch; 1.4 s user + 0.7 s system for 5 GB),
-``pread`` into a reused buffer costs more (1.2 s of kernel copy per GB), and O_DIRECT into a reused
-buffer about 0.1 s per GB, at the same disk throughput. Writing 4 GB: through a mapping 2.9 s of CPU,
-``pwrite`` 1.9 s, O_DIRECT 0.1 s. A merge at 7B on two cores is CPU-bound once the disk is kept busy,
-so those seconds are the difference between 1.5x and 1.1x the disk floor. Direct I/O also leaves the
-page cache alone: no 20 GB of input and output pages to reclaim while the merge runs.
+Why (measured on the 2-core development VM, 2026-12-02, one 5 GB shard, cold, small C programs doing
+each in a loop): reading through a mapping costs the CPU about 0.4 s per GB (the first touch of every
+freshly read page-cache page: the fault, and on a VM the hypervisor's own first touch; 1.4 s user +
+0.7 s system for 5 GB), ``pread`` into a reused buffer more (1.2 s of kernel copy per GB), O_DIRECT into
+a reused buffer about 0.1 s per GB, at the same disk throughput. Writing 4 GB: through a mapping 2.9 s
+of CPU, ``pwrite`` 1.9 s, O_DIRECT 0.1 s. A merge at 7B on two cores is CPU-bound once the disk is kept
+busy: a cold 7.5 GB SLERP pair took 23 s with 28 s user + 14 s system through the page cache, 11-14 s
+with 4 s + 2.5 s direct (README, Performance). Direct I/O also leaves the page cache alone: no 22 GB of
+input and output pages to reclaim while the merge runs.
 
 O_DIRECT needs the file offset, the length and the buffer address aligned to the device's logical
 block size; ``ALIGN`` (4096) covers every Linux block device. Reads cover the aligned range around a

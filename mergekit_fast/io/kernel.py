@@ -11,6 +11,7 @@ call or to nothing, as its docstring says; the hints never change results, only 
     madvise(mm, base, advice, start, end)  page advice over the pages of bytes [start, end) of a mapping
     sync_file_range(fd, start, n, flags)    start (and/or wait for) the write-back of a file range
     fadvise(fd, start, n, advice)           posix_fadvise (the os module's: it releases the GIL)
+    resident(mm, base, start, end)          the fraction of a file range's pages in the page cache
     buffer_address(buf)                     the address of a buffer's first byte (for madvise)
 """
 
@@ -40,14 +41,18 @@ def _libc():
     if madv is not None:
         madv.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
         madv.restype = ctypes.c_int
+    mincore = getattr(lib, "mincore", None)
+    if mincore is not None:
+        mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p)
+        mincore.restype = ctypes.c_int
     sfr = getattr(lib, "sync_file_range", None)
     if sfr is not None:
         sfr.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
         sfr.restype = ctypes.c_int
-    return lib, madv, sfr
+    return lib, madv, sfr, mincore
 
 
-_LIB, _MADVISE, _SYNC_FILE_RANGE = _libc()
+_LIB, _MADVISE, _SYNC_FILE_RANGE, _MINCORE = _libc()
 
 
 def buffer_address(buf) -> int | None:
@@ -88,6 +93,22 @@ def madvise(mm: mmap.mmap, base: int | None, advice: int, start: int, end: int) 
         mm.madvise(advice, off, length)
     except (AttributeError, OSError, ValueError):
         pass
+
+
+def resident(mm: mmap.mmap, base: int | None, start: int, end: int) -> float | None:
+    """The fraction of the pages of bytes [start, end) of the file mapping ``mm`` (first byte at ``base``)
+    that are in the page cache (mincore: it reports the file's cached pages, mapped here or not), or
+    None where unknown (no address, no mincore, an error)."""
+    if base is None or _MINCORE is None or mm.closed or end <= start:
+        return None
+    off, length = page_range(len(mm), start, end)
+    pages = -(-length // PAGE)
+    if pages <= 0:
+        return None
+    vec = ctypes.create_string_buffer(pages)
+    if _MINCORE(base + off, length, vec) != 0:
+        return None
+    return (pages - vec.raw[:pages].count(0)) / pages
 
 
 def fadvise(fd: int, start: int, nbytes: int, advice: int) -> None:

@@ -151,9 +151,7 @@ class ShardReader:
         self._mm = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if size else None
         self._base: int | None = None
         self._advise_base: int | None | bool = False  # False: not looked up yet
-        self._direct: int | None | bool = (
-            False  # the O_DIRECT descriptor (io/direct.py); False: not opened yet
-        )
+        self._direct: int | None | bool = False  # O_DIRECT descriptor (io/direct.py); False: not opened
 
     def _madvise(self, advice: int, start: int, end: int) -> None:
         if self._advise_base is False:
@@ -250,6 +248,15 @@ class ShardReader:
             return direct.read_into(fd, self._file.fileno(), info.start, info.nbytes, buf)
         except (OSError, EOFError) as exc:
             raise SafetensorsError(f"{self.path}: reading tensor {name!r} failed: {exc}") from None
+
+    def resident(self, name: str) -> float | None:
+        """The fraction of the tensor's pages in the page cache (None: unknown)."""
+        info = self.tensors[name]
+        if self._mm is None or info.nbytes == 0:
+            return None
+        if self._advise_base is False:
+            self._advise_base = kernel.buffer_address(self._mm)
+        return kernel.resident(self._mm, self._advise_base, info.start, info.end)
 
     def direct_span(self, name: str) -> int:
         info = self.tensors[name]
