@@ -157,6 +157,8 @@ def main(argv=None) -> int:
         help="untimed runs per tool first (default 1, quick and 7B sizes 0)",
     )
     p.add_argument("--device", default="cpu", help="mergekit-fast's --device (mergekit runs on the CPU)")
+    p.add_argument("--page-cache", action="store_true",
+                   help="also run mergekit-fast with --no-direct-io (the page-cache path), side by side")  # fmt: skip
     p.add_argument("--skip-mergekit", action="store_true")
     p.add_argument(
         "--synthetic", action="store_true", help="models written with torch alone (no transformers)"
@@ -186,6 +188,11 @@ def main(argv=None) -> int:
     cfg.write_text(method_configs.config(args.method, a, b, c, n))
     tools = {"mergekit_fast": [str(bindir / "mergekit-fast"), "merge", str(cfg), str(work / "out_fast"), "--force",
                                 "--device", args.device, "--no-progress", "-q", "--verify", args.verify]}  # fmt: skip
+    if args.page_cache:  # the same merge without direct I/O, side by side
+        tools["mergekit_fast_page_cache"] = [*tools["mergekit_fast"], "--no-direct-io"]
+        outs_extra = {"mergekit_fast_page_cache": work / "out_fast"}
+    else:
+        outs_extra = {}
     if not args.skip_mergekit:
         # --clone-tensors is mergekit's fastest setting here (2 x 0.85B SLERP: 17.5-18.7 s with it, 22-27 s
         # without, 2026-11-29), and DUS needs it anyway (duplicated layers share storage).
@@ -197,6 +204,7 @@ def main(argv=None) -> int:
                           *[x for m in inputs for x in ("--model", str(m))], "--write-bytes", str(out_bytes),
                           "--out", str(work / "floor.bin")]  # fmt: skip
     outs = {"mergekit_fast": work / "out_fast", "mergekit": work / "out_mk", "floor": work / "floor.bin"}
+    outs.update(outs_extra)
     files = [f for m in inputs for f in sorted(m.glob("*.safetensors"))]
 
     def before() -> None:

@@ -133,7 +133,21 @@ def pair(tmp_path_factory):
             make_model(root / "b", seed=12, **shape))  # fmt: skip
 
 
-def _merge(pair, out, **kw):
+def _evict(*models):
+    """Drop the models' files from the page cache (fsync first: only clean pages can be dropped)."""
+    for model in models:
+        for f in model.glob("*.safetensors"):
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def _merge(pair, out, *, evict=True, **kw):
+    if evict:
+        _evict(*pair)  # cold inputs: the direct path is taken for them
     cfg = slerp_gradient_config(str(pair[0]), str(pair[1]), 4)
     merge(cfg, out, device="cpu", progress=False, write_model_card=False, **kw)
     return out
@@ -177,6 +191,46 @@ def test_direct_merge_with_buffers_smaller_than_a_job(pair, tmp_path, monkeypatc
     assert _files(small) == _files(_merge(pair, tmp_path / "cached", direct_io=False))
 
 
+def _cached_fraction(model):
+    """The fraction of the model's tensor bytes in the page cache (mincore), or None where unknown."""
+    from mergekit_fast.io.safetensors import ShardReader
+
+    cached = total = 0
+    for f in model.glob("*.safetensors"):
+        with ShardReader(f) as reader:
+            for name, info in reader.tensors.items():
+                fraction = reader.resident(name) if info.nbytes else 0.0
+                if fraction is None:
+                    return None
+                cached += fraction * info.nbytes
+                total += info.nbytes
+    return cached / total
+
+
+def test_resident_follows_the_page_cache(pair):
+    a = pair[0]
+    for f in a.glob("*.safetensors"):
+        f.read_bytes()
+    if _cached_fraction(a) is None:
+        pytest.skip("mincore is not available here")
+    assert _cached_fraction(a) == 1.0
+    _evict(a)
+    assert _cached_fraction(a) < 0.5  # the pages holding the header (read to open the file) stay
+
+
+@needs_native
+def test_cached_inputs_merge_from_the_page_cache(pair, tmp_path, monkeypatch):
+    # A direct read goes to the disk even for cached pages: inputs in the page cache keep the mapped path.
+    for model in pair:
+        for f in model.glob("*.safetensors"):
+            f.read_bytes()
+    seen = _count_loads(monkeypatch)
+    out = _merge(pair, tmp_path / "warm", evict=False)
+    assert not seen
+    assert _files(out) == _files(_merge(pair, tmp_path / "cold"))
+    assert seen  # the same merge cold took the direct path
+
+
 @needs_native
 def test_filesystem_without_direct_io_keeps_the_page_cache_path(pair, tmp_path, monkeypatch):
     monkeypatch.setattr(direct, "open_read", lambda path: None)
@@ -214,3 +268,39 @@ def test_input_cut_short_during_the_merge_names_the_file_and_tensor(tmp_path):
             reader.read_direct(name, buf)
     finally:
         reader.close()
+
+
+@needs_native
+def test_cli_no_direct_io_keeps_the_page_cache_path(pair, tmp_path, monkeypatch):
+    from mergekit_fast import cli
+
+    seen = _count_loads(monkeypatch)
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(slerp_gradient_config(str(pair[0]), str(pair[1]), 4))
+    _evict(*pair)
+    assert cli.main(["merge", str(cfg), str(tmp_path / "out"), "--no-progress", "-q", "--no-direct-io"]) == 0
+    assert not seen
+    _evict(*pair)
+    assert cli.main(["merge", str(cfg), str(tmp_path / "out2"), "--no-progress", "-q"]) == 0
+    assert seen
+    assert _files(tmp_path / "out") == _files(tmp_path / "out2")
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_io_floor_moves_every_byte_and_leaves_nothing(pair, tmp_path, overlap):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "io_floor.py"
+    out, res = tmp_path / "floor.bin", tmp_path / "floor.json"
+    nbytes = 3 * A + 5  # an unaligned tail: the last block goes through the page cache
+    cmd = [sys.executable, str(script), "--model", str(pair[0]), "--model", str(pair[1]),
+           "--write-bytes", str(nbytes), "--out", str(out), "--json", str(res)]  # fmt: skip
+    subprocess.run(cmd + (["--overlap"] if overlap else []), check=True, capture_output=True)
+    r = json.loads(res.read_text())
+    inputs = sum(f.stat().st_size for m in pair for f in m.glob("*.safetensors"))
+    assert r["read_bytes"] == inputs and r["write_bytes"] == nbytes and r["overlap"] is overlap
+    assert r["floor_s"] >= max(r["read_s"], r["write_s"])
+    assert not out.exists()
