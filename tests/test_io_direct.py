@@ -294,6 +294,8 @@ def test_io_floor_moves_every_byte_and_leaves_nothing(pair, tmp_path, overlap):
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "bench" / "io_floor.py"
+    if not script.exists():
+        pytest.skip("bench/ is not part of this tree (an installed sdist's tests)")
     out, res = tmp_path / "floor.bin", tmp_path / "floor.json"
     nbytes = 3 * A + 5  # an unaligned tail: the last block goes through the page cache
     cmd = [sys.executable, str(script), "--model", str(pair[0]), "--model", str(pair[1]),
