@@ -69,9 +69,7 @@ class MergeOptions:
     max_memory: int = 4 << 30  # bytes of buffers in flight
     read_ahead: int = 512 << 20  # bytes of input asked to be read ahead (staging.ReadAhead)
     write_behind: int = 256 << 20  # bytes of output written back at most in flight (ShardWriter); 0: off
-    direct_io: bool = (
-        True  # native CPU jobs read and write with O_DIRECT where the files allow (io/direct.py)
-    )
+    direct_io: bool = True  # native CPU jobs move cold inputs and outputs by O_DIRECT (io/direct.py)
     copy_tokenizer: bool = True
     write_model_card: bool = True
     force: bool = False  # replace an existing OUT that looks like a merge output

@@ -217,22 +217,33 @@ class CpuNative(Strategy):
         ts = job.tensors
         job.reserved = sum(math.prod(t.shape) * t.in_dtype.itemsize for t in ts)
         run.out_pool.reserve(job.reserved)  # pages in flight until the writer drops them
+        self.run_kernels(job)
+        run.release_inputs(job)
+
+    def first_bytes(self, job: Job, i: int) -> bytes:
+        """The bytes of output tensor i's first element (b"" when it is empty)."""
+        t = job.tensors[i]
+        return self.run.writers[t.name].peek(t.name, t.in_dtype.itemsize)
+
+    def run_kernels(self, job: Job) -> None:
+        """The method's native kernel on the job's addresses, one call per input dtype, and the
+        finite flags of the outputs."""
+        run = self.run
+        ts = job.tensors
         by_dtype: dict[object, list[int]] = {}
         for i, t in enumerate(ts):
             by_dtype.setdefault(t.in_dtype, []).append(i)
-        method = job.method
         for idx in by_dtype.values():
             group = [ts[i] for i in idx]
-            flags = method.native_cpu(group, [job.inputs[i] for i in idx], [job.targets[i] for i in idx],
-                                      run.threads, run.seed)  # fmt: skip
+            flags = job.method.native_cpu(group, [job.inputs[i] for i in idx], [job.targets[i] for i in idx],
+                                          run.threads, run.seed)  # fmt: skip
             if flags is None:
                 # finite_probe "first": a NaN/Inf input makes every element NaN, so one element tells.
                 flags = []
-                for t in group:
-                    first = run.writers[t.name].peek(t.name, t.in_dtype.itemsize)
+                for i, t in zip(idx, group):
+                    first = self.first_bytes(job, i)
                     flags.append(not first or t.in_dtype.first_is_finite(first))
             run.finite_flags.extend((t.name, bool(ok)) for t, ok in zip(group, flags))
-        run.release_inputs(job)
 
     def write(self, job: Job) -> None:
         for t in job.tensors:
@@ -279,27 +290,15 @@ class CpuDirect(CpuNative):
         job.placed = places
 
     def compute(self, job: Job) -> None:
-        run = self.run
-        ts = job.tensors
-        out = job.out_bufs[0]
-        by_dtype: dict[object, list[int]] = {}
-        for i, t in enumerate(ts):
-            by_dtype.setdefault(t.in_dtype, []).append(i)
-        method = job.method
         try:
-            for idx in by_dtype.values():
-                group = [ts[i] for i in idx]
-                flags = method.native_cpu(group, [job.inputs[i] for i in idx], [job.targets[i] for i in idx],
-                                          run.threads, run.seed)  # fmt: skip
-                if flags is None:  # finite_probe "first", as CpuNative
-                    flags = []
-                    for i, t in zip(idx, group):
-                        at, size = job.placed[i], t.in_dtype.itemsize
-                        first = bytes(out[at : at + size]) if math.prod(t.shape) else b""
-                        flags.append(not first or t.in_dtype.first_is_finite(first))
-                run.finite_flags.extend((t.name, bool(ok)) for t, ok in zip(group, flags))
+            self.run_kernels(job)
         finally:
             self._release_inputs(job)
+
+    def first_bytes(self, job: Job, i: int) -> bytes:
+        t = job.tensors[i]
+        at = job.placed[i]
+        return bytes(job.out_bufs[0][at : at + t.in_dtype.itemsize]) if math.prod(t.shape) else b""
 
     def _release_inputs(self, job: Job) -> None:
         for pool, buf in job.direct_bufs:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 
 ALIGN = 4096
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
@@ -53,6 +54,30 @@ def open_write(path) -> int | None:
     return _open(path, os.O_WRONLY)
 
 
+class Descriptor:
+    """An O_DIRECT descriptor of one file, opened on first use (``get``: None where refused), closed by
+    ``close``; safe to share between threads."""
+
+    def __init__(self, path, write: bool = False):
+        self.path, self.write = path, write
+        self._fd: int | None = None
+        self._opened = False
+        self._lock = threading.Lock()
+
+    def get(self) -> int | None:
+        with self._lock:
+            if not self._opened:
+                self._opened = True
+                self._fd = (open_write if self.write else open_read)(self.path)
+            return self._fd
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+            self._fd, self._opened = None, True
+
+
 def down(n: int) -> int:
     return n // ALIGN * ALIGN
 
@@ -69,29 +94,28 @@ def span(start: int, nbytes: int) -> int:
 def read_into(fd: int, fallback_fd: int, start: int, nbytes: int, buf) -> int:
     """Read file bytes [start, start + nbytes) into ``buf`` (page-aligned, at least ``span`` bytes) with
     the O_DIRECT descriptor ``fd``; returns the offset in ``buf`` of byte ``start``. The read covers the
-    aligned range around the bytes; a short read ends it only at the end of the file. Where the kernel
-    refuses a direct read (EINVAL: an alignment the device does not take), the rest is read through
-    ``fallback_fd`` (the same file, page cache). Raises EOFError when the file ends before the bytes do."""
+    aligned range around the bytes. Where the kernel refuses a direct read (EINVAL: an alignment the
+    device does not take) or a direct read ends short of a page (only the file's end should), the rest
+    is read through ``fallback_fd`` (the same file, page cache). Raises EOFError when the file ends
+    before the bytes do."""
     lo = down(start)
     need = start + nbytes - lo
     mv = memoryview(buf)[: up(start + nbytes) - lo]
-    pos = 0
+    pos, using = 0, fd
     while pos < need:
         try:
-            k = os.preadv(fd, [mv[pos:]], lo + pos)
+            # direct: whole pages (up to the aligned end); page cache: only the bytes asked for
+            k = os.preadv(using, [mv[pos:] if using == fd else mv[pos:need]], lo + pos)
         except OSError as exc:
-            if exc.errno != errno.EINVAL:
+            if exc.errno != errno.EINVAL or using != fd:
                 raise
-            k = os.preadv(fallback_fd, [mv[pos:need]], lo + pos)
+            using = fallback_fd
+            continue
         if k == 0:
             raise EOFError(f"the file ends at byte {lo + pos}, before byte {start + nbytes}")
         pos += k
-        if pos % ALIGN and pos < need:  # a short direct read not at the end: finish through the page cache
-            while pos < need:
-                k = os.preadv(fallback_fd, [mv[pos:need]], lo + pos)
-                if k == 0:
-                    raise EOFError(f"the file ends at byte {lo + pos}, before byte {start + nbytes}")
-                pos += k
+        if pos % ALIGN:
+            using = fallback_fd
     return start - lo
 
 

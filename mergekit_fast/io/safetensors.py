@@ -151,12 +151,16 @@ class ShardReader:
         self._mm = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if size else None
         self._base: int | None = None
         self._advise_base: int | None | bool = False  # False: not looked up yet
-        self._direct: int | None | bool = False  # O_DIRECT descriptor (io/direct.py); False: not opened
+        self._direct = direct.Descriptor(self.path)
 
-    def _madvise(self, advice: int, start: int, end: int) -> None:
+    def _hint_base(self) -> int | None:
+        """The mapping's address for the kernel calls (madvise, mincore), looked up once."""
         if self._advise_base is False:
             self._advise_base = kernel.buffer_address(self._mm)
-        kernel.madvise(self._mm, self._advise_base, advice, start, end)
+        return self._advise_base
+
+    def _madvise(self, advice: int, start: int, end: int) -> None:
+        kernel.madvise(self._mm, self._hint_base(), advice, start, end)
 
     def _check(self, info: TensorInfo) -> None:
         if info.end > len(self._mm):
@@ -230,9 +234,7 @@ class ShardReader:
 
     def direct_fd(self) -> int | None:
         """An O_DIRECT descriptor of the file (opened once), or None where the filesystem refuses it."""
-        if self._direct is False:
-            self._direct = direct.open_read(self.path)
-        return self._direct
+        return self._direct.get()
 
     def read_direct(self, name: str, buf) -> int:
         """Read the tensor's bytes into ``buf`` (a page-aligned buffer of at least ``direct_span(name)``
@@ -254,9 +256,7 @@ class ShardReader:
         info = self.tensors[name]
         if self._mm is None or info.nbytes == 0:
             return None
-        if self._advise_base is False:
-            self._advise_base = kernel.buffer_address(self._mm)
-        return kernel.resident(self._mm, self._advise_base, info.start, info.end)
+        return kernel.resident(self._mm, self._hint_base(), info.start, info.end)
 
     def direct_span(self, name: str) -> int:
         info = self.tensors[name]
@@ -293,9 +293,7 @@ class ShardReader:
                 # Views are still alive somewhere; the mapping goes when they do.
                 pass
             self._mm = None
-        if isinstance(self._direct, int) and not isinstance(self._direct, bool):
-            os.close(self._direct)
-        self._direct = None
+        self._direct.close()
         self._file.close()
 
     def __enter__(self):
@@ -368,7 +366,7 @@ class ShardWriter:
         self._partial: dict[str, int] = {}  # bytes written so far of tensors written in pieces
         self._mm: mmap.mmap | None = None
         self._base = 0
-        self._direct: int | None | bool = False  # O_DIRECT descriptor for write_placed; False: not opened
+        self._direct = direct.Descriptor(self.path, write=True)  # for write_placed
         try:
             os.pwrite(self._fd, header, 0)
             # Blocks reserved: tensors may be computed in place (target/commit); else pwrite only.
@@ -500,22 +498,17 @@ class ShardWriter:
         pages through it. Returns the bytes written."""
         start, end = self.offsets[name]
         if end > start:
-            if self._direct is False:
-                self._direct = direct.open_write(self.path)
             lead = self.lead(name)
             try:
-                direct.write_from(self._direct, self._fd, start, memoryview(buf)[lead : lead + end - start])
+                direct.write_from(
+                    self._direct.get(), self._fd, start, memoryview(buf)[lead : lead + end - start]
+                )
             except OSError as exc:
                 raise OSError(
                     exc.errno, f"{self.path}: writing tensor {name!r} failed: {exc.strerror}"
                 ) from None
         self.written.add(name)
         return end - start
-
-    def _close_direct(self) -> None:
-        if isinstance(self._direct, int) and not isinstance(self._direct, bool):
-            os.close(self._direct)
-        self._direct = None
 
     def write_at(self, name: str, offset: int, tensor) -> int:
         """Write part of tensor ``name``: a torch tensor's (or a buffer's) bytes at byte ``offset`` of the
@@ -553,7 +546,7 @@ class ShardWriter:
                 f"{self.path.name}: closed before all tensors were written (missing {missing})"
             )
         self._unmap()
-        self._close_direct()
+        self._direct.close()
         if fsync:
             os.fsync(self._fd)
         os.close(self._fd)
@@ -567,7 +560,7 @@ class ShardWriter:
 
     def abort(self) -> None:
         self._unmap()
-        self._close_direct()
+        self._direct.close()
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
