@@ -24,13 +24,13 @@ import time
 from collections.abc import Callable
 
 from mergekit_fast.engine.jobs import Job
-from mergekit_fast.engine.staging import ReadAhead, Strategy
+from mergekit_fast.engine.staging import Prefetch, Strategy
 
 log = logging.getLogger("mergekit_fast")
 
 
 class Pipeline:
-    def __init__(self, strategy_of: Callable[[Job], Strategy], read_ahead: ReadAhead | None,
+    def __init__(self, strategy_of: Callable[[Job], Strategy], read_ahead: Prefetch | None,
                  on_abort: Callable[[], None], load_depth: int = 1):  # fmt: skip
         self.strategy_of = strategy_of
         self.read_ahead = read_ahead
