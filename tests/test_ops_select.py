@@ -139,3 +139,21 @@ def test_mergekit_sparsify_functions_as_oracle(dtype, density):
     (got,) = native_masks(base, [x], [sel.SELECT_RANGE], [start], [stop])
     theirs = mk.magnitude_outliers(delta, density=density, rescale_norm=None, gamma=0.05)
     assert torch.equal(delta * got, theirs)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_weight_like_deltas_at_scale(dtype):
+    """2^22 elements shaped like a fine-tune's deltas (base ~ N(0, 0.02), x - base ~ N(0, 0.002)): the
+    16-bit magnitudes tie by the thousand at every cut, so the kernel's block partitions (many full
+    blocks per range, the scalar end game, both sides of a two-cut range) decide every kept element."""
+    n = 1 << 22
+    g = torch.Generator().manual_seed(11)
+    base = (torch.randn(n, generator=g) * 0.02).to(dtype)
+    x = (base.float() + torch.randn(n, generator=g) * 0.002).to(dtype)
+    delta = x - base
+    for k in (n // 2, int(0.3 * n)):
+        (got,) = native_masks(base, [x], [sel.SELECT_TOP], [k], [n])
+        assert torch.equal(got, top_ref(delta, k)), k
+    start, stop = n // 10, n // 10 + int(0.8 * n)
+    (got,) = native_masks(base, [x], [sel.SELECT_RANGE], [start], [stop])
+    assert torch.equal(got, range_ref(delta, start, stop))

@@ -92,13 +92,6 @@ struct In {
   A f;  // the rescale factor, a value of the work dtype
 };
 
-// The work-dtype value of a delta (what the sparsifier masks and the L1 norm sums).
-template <typename F>
-inline typename F::A work_value(uint32_t work, typename F::A d) {
-  using A = typename F::A;
-  return work == kWorkD ? d : static_cast<A>(static_cast<float>(d));
-}
-
 // Blocked element loops: each step of the math is one simple loop over a block of kB elements held
 // in the arithmetic type (L1/L2-resident scratch), so the compiler vectorises every level's build;
 // the order of operations per element is the spec's, whatever the vector width.
@@ -110,6 +103,50 @@ inline void delta_block(const In<F>& in, const typename F::A* bv, int64_t j0, in
   using A = typename F::A;
   const auto* x = in.x + j0;
   for (int64_t t = 0; t < m; ++t) d[t] = F::round(static_cast<A>(F::load(x[t])) - bv[t]);
+}
+
+// The Bernoulli keeps of elements [j0, j0 + m) (j0 a multiple of 4: whole Philox blocks, four words
+// each): common/philox.h's Philox4x32-10, computed for kLanes blocks at a time in lane arrays, so
+// that every round is one vectorised loop of 32 x 32 -> 64-bit products.
+inline void philox_keep(const PhiloxStream& ps, uint32_t thr, int64_t j0, int64_t m, uint8_t* keep) {
+  constexpr int kLanes = 16;
+  const uint64_t b0 = static_cast<uint64_t>(j0) >> 2;
+  const int64_t nb = (m + 3) >> 2;
+  for (int64_t q0 = 0; q0 < nb; q0 += kLanes) {
+    // 64-bit lanes holding 32-bit values: the products are the vectorisable 32 x 32 -> 64 kind
+    uint64_t c0[kLanes], c1[kLanes], c2[kLanes], c3[kLanes];
+    for (int l = 0; l < kLanes; ++l) {
+      const uint64_t b = b0 + static_cast<uint64_t>(q0 + l);
+      c0[l] = b & 0xffffffffu;
+      c1[l] = b >> 32;
+      c2[l] = ps.h0;
+      c3[l] = ps.h1;
+    }
+    uint64_t k0 = ps.k0, k1 = ps.k1;
+    for (int r = 0; r < 10; ++r) {
+      for (int l = 0; l < kLanes; ++l) {
+        const uint64_t p0 = (c0[l] & 0xffffffffu) * uint64_t{0xD2511F53u};
+        const uint64_t p1 = (c2[l] & 0xffffffffu) * uint64_t{0xCD9E8D57u};
+        const uint64_t n0 = ((p1 >> 32) ^ c1[l] ^ k0) & 0xffffffffu;
+        const uint64_t n2 = ((p0 >> 32) ^ c3[l] ^ k1) & 0xffffffffu;
+        c0[l] = n0;
+        c1[l] = p1 & 0xffffffffu;
+        c2[l] = n2;
+        c3[l] = p0 & 0xffffffffu;
+      }
+      k0 = (k0 + 0x9E3779B9u) & 0xffffffffu;
+      k1 = (k1 + 0xBB67AE85u) & 0xffffffffu;
+    }
+    uint8_t kp[4 * kLanes];
+    for (int l = 0; l < kLanes; ++l) {
+      kp[4 * l] = static_cast<uint8_t>((c0[l] >> 8) < thr);  // (word >> 8) < thr: ta_draw_keep
+      kp[4 * l + 1] = static_cast<uint8_t>((c1[l] >> 8) < thr);
+      kp[4 * l + 2] = static_cast<uint8_t>((c2[l] >> 8) < thr);
+      kp[4 * l + 3] = static_cast<uint8_t>((c3[l] >> 8) < thr);
+    }
+    const int64_t t0 = 4 * q0, te = std::min<int64_t>(m, t0 + 4 * kLanes);
+    for (int64_t t = t0; t < te; ++t) keep[t] = kp[t - t0];
+  }
 }
 
 // keep flags (0/1) of elements [j0, j0 + m) from their deltas
@@ -148,22 +185,9 @@ inline void keep_block(const In<F>& in, const typename F::A* d, int64_t j0, int6
       }
       break;
     }
-    case kMaskRandom: {
-      // j0 is a multiple of 4: whole Philox blocks, four words each
-      uint32_t w[kB];
-      const uint64_t b0 = static_cast<uint64_t>(j0) >> 2;
-      const int64_t nb = (m + 3) >> 2;
-      for (int64_t q = 0; q < nb; ++q) {
-        Philox4 r = in.ps.block(b0 + static_cast<uint64_t>(q));
-        w[4 * q] = r.v[0];
-        w[4 * q + 1] = r.v[1];
-        w[4 * q + 2] = r.v[2];
-        w[4 * q + 3] = r.v[3];
-      }
-      const uint32_t thr = in.thr;
-      for (int64_t t = 0; t < m; ++t) keep[t] = static_cast<uint8_t>((w[t] >> 8) < thr);
+    case kMaskRandom:
+      philox_keep(in.ps, in.thr, j0, m, keep);
       break;
-    }
     default:
       for (int64_t t = 0; t < m; ++t) keep[t] = 1;
   }
@@ -214,70 +238,81 @@ inline void terms_block(const std::vector<In<F>>& ins, const typename F::A* bv, 
   }
 }
 
-// sign election, sums, normalisation, lambda and the output of one block: K inputs (a constant, so
-// the loop over the block vectorises); returns the count of non-finite outputs
-template <typename F, int K>
-int64_t finish_block(const typename F::A* v, const typename F::A* wts, const typename F::A* bv,
-                     typename F::storage* out, int64_t m, int consensus, bool normalize, bool scale,
-                     typename F::A lam, typename F::A wsum_div) {
+// sign election and sums of one block: K inputs and the consensus kind are constants, so each loop
+// over the block is branch-free and vectorises; mixed[t] and div[t] as the spec's (ta_math.h)
+template <typename F, int K, int Consensus>
+void mix_block(const typename F::A* v, const typename F::A* wts, int64_t m, typename F::A* mixed,
+               typename F::A* div) {
   using A = typename F::A;
-  using S = typename F::storage;
-  int64_t bad = 0;
   for (int64_t t = 0; t < m; ++t) {
-    A mixed, div;
-    if (consensus != kConsensusNone) {
+    if constexpr (Consensus != kConsensusNone) {
       A vote = A(0);
-      if (consensus == kConsensusSum) {
+      if constexpr (Consensus == kConsensusSum) {
         for (int i = 0; i < K; ++i) vote = vote + v[i * kB + t];
       } else {
         for (int i = 0; i < K; ++i) vote = vote + ta_sign(v[i * kB + t]);
       }
       vote = F::round(vote);
-      A maj = vote >= A(0) ? A(1) : A(-1);
-      mixed = A(0);
-      div = A(0);
+      const A maj = vote >= A(0) ? A(1) : A(-1);
+      A mx = A(0), dv = A(0);
       for (int i = 0; i < K; ++i) {
-        A vi = v[i * kB + t];
-        bool agree = ta_sign(vi) == maj;
-        mixed = mixed + (agree ? vi : vi * A(0));
-        div = div + (agree ? wts[i] : wts[i] * A(0));
+        const A vi = v[i * kB + t];
+        const bool agree = ta_sign(vi) == maj;
+        // both arms computed first: a select, not a branch (the vectoriser does not speculate a
+        // multiply, which could trap)
+        const A vz = vi * A(0), wz = wts[i] * A(0);
+        mx = mx + (agree ? vi : vz);
+        dv = dv + (agree ? wts[i] : wz);
       }
-      mixed = F::round(mixed);
-      div = F::round(div);
-      div = div == A(0) ? A(1) : div;
+      mixed[t] = F::round(mx);
+      dv = F::round(dv);
+      div[t] = dv == A(0) ? A(1) : dv;
     } else {
-      mixed = A(0);
-      for (int i = 0; i < K; ++i) mixed = mixed + v[i * kB + t];
-      mixed = F::round(mixed);
-      div = wsum_div;
+      A mx = A(0);
+      for (int i = 0; i < K; ++i) mx = mx + v[i * kB + t];
+      mixed[t] = F::round(mx);
     }
-    if (normalize) mixed = F::round(mixed / div);
-    if (scale) mixed = F::round(mixed * lam);
-    S r = F::store(bv[t] + mixed);
-    out[t] = r;
-    A back = static_cast<A>(F::load(r));
-    A z = back - back;  // NaN for Inf and NaN
-    bad += z == A(0) ? 0 : 1;
   }
-  return bad;
 }
 
 template <typename F, int K>
-int64_t finish_dispatch(int count, const typename F::A* v, const typename F::A* wts, const typename F::A* bv,
-                        typename F::storage* out, int64_t m, int consensus, bool normalize, bool scale,
-                        typename F::A lam, typename F::A wsum_div) {
+void mix_dispatch(int count, int consensus, const typename F::A* v, const typename F::A* wts, int64_t m,
+                  typename F::A* mixed, typename F::A* div) {
   if constexpr (K < kCombineMaxInputs) {
-    if (count != K)
-      return finish_dispatch<F, K + 1>(count, v, wts, bv, out, m, consensus, normalize, scale, lam, wsum_div);
+    if (count != K) return mix_dispatch<F, K + 1>(count, consensus, v, wts, m, mixed, div);
   }
-  // consensus is a runtime value; split here so each loop body is branch-free per element
   switch (consensus) {
-    case kConsensusSum:
-      return finish_block<F, K>(v, wts, bv, out, m, kConsensusSum, normalize, scale, lam, wsum_div);
-    case kConsensusCount:
-      return finish_block<F, K>(v, wts, bv, out, m, kConsensusCount, normalize, scale, lam, wsum_div);
-    default: return finish_block<F, K>(v, wts, bv, out, m, kConsensusNone, normalize, scale, lam, wsum_div);
+    case kConsensusSum: return mix_block<F, K, kConsensusSum>(v, wts, m, mixed, div);
+    case kConsensusCount: return mix_block<F, K, kConsensusCount>(v, wts, m, mixed, div);
+    default: return mix_block<F, K, kConsensusNone>(v, wts, m, mixed, div);
   }
+}
+
+// normalisation, lambda and the output of one block (each step one loop); returns the count of
+// non-finite outputs
+template <typename F>
+int64_t finish_block(typename F::A* mixed, const typename F::A* div, bool per_element_div, const typename F::A* bv,
+                     typename F::storage* out, int64_t m, bool normalize, bool scale, typename F::A lam,
+                     typename F::A wsum_div) {
+  using A = typename F::A;
+  using S = typename F::storage;
+  if (normalize) {
+    if (per_element_div) {
+      for (int64_t t = 0; t < m; ++t) mixed[t] = F::round(mixed[t] / div[t]);
+    } else {
+      for (int64_t t = 0; t < m; ++t) mixed[t] = F::round(mixed[t] / wsum_div);
+    }
+  }
+  if (scale)
+    for (int64_t t = 0; t < m; ++t) mixed[t] = F::round(mixed[t] * lam);
+  int64_t bad = 0;
+  for (int64_t t = 0; t < m; ++t) {
+    const S r = F::store(bv[t] + mixed[t]);
+    out[t] = r;
+    const A back = static_cast<A>(F::load(r));
+    bad += back - back == A(0) ? 0 : 1;  // NaN for Inf and NaN
+  }
+  return bad;
 }
 
 template <typename F>
@@ -330,6 +365,7 @@ int combine_impl(int64_t n, const void* base_, void* out_, int64_t count, const 
     }
     parallel_for(nblocks, nthreads, [&](int64_t blo, int64_t bhi) {
       std::unique_ptr<A[]> bv(new A[kB]), d(new A[kB]);
+      std::unique_ptr<double[]> mag(new double[kB]);
       std::unique_ptr<uint8_t[]> keep(new uint8_t[kB]);
       for (int64_t blk = blo; blk < bhi; ++blk) {
         const int64_t j0 = blk * kB, m = std::min(kB, n - j0);
@@ -347,24 +383,28 @@ int combine_impl(int64_t n, const void* base_, void* out_, int64_t count, const 
               dr[t0 >> 6] = word;
             }
           }
-          // fixed 8-lane fp64 sums per kL1Block block (the same order on every level)
+          // |work value| in fp64, then fixed 8-lane fp64 sums per kL1Block block (the same order on
+          // every level)
+          if (in.work == kWorkD) {
+            for (int64_t t = 0; t < m; ++t) mag[t] = std::fabs(static_cast<double>(d[t]));
+          } else {
+            for (int64_t t = 0; t < m; ++t) mag[t] = std::fabs(static_cast<double>(static_cast<float>(d[t])));
+          }
           for (int64_t s0 = 0; s0 < m; s0 += kL1Block) {
             const int64_t se = std::min(m, s0 + kL1Block);
             double lb[8] = {}, la[8] = {};
             int64_t t = s0;
             for (; t + 8 <= se; t += 8) {
               for (int l = 0; l < 8; ++l) {
-                A tv = work_value<F>(in.work, d[t + l]);
-                double a = std::fabs(static_cast<double>(tv));
+                const double a = mag[t + l];
                 lb[l] += a;
-                la[l] += keep[t + l] ? a : a * 0.0;
+                la[l] += a * static_cast<double>(keep[t + l]);  // a * 1 or a * 0, as keep ? a : a * 0
               }
             }
             for (int l = 0; t < se; ++t, ++l) {
-              A tv = work_value<F>(in.work, d[t]);
-              double a = std::fabs(static_cast<double>(tv));
+              const double a = mag[t];
               lb[l] += a;
-              la[l] += keep[t] ? a : a * 0.0;
+              la[l] += a * static_cast<double>(keep[t]);
             }
             double sb = 0, sa = 0;
             for (int l = 0; l < 8; ++l) {
@@ -417,15 +457,16 @@ int combine_impl(int64_t n, const void* base_, void* out_, int64_t count, const 
 
   // -- pass 2: the merge
   parallel_for(nblocks, nthreads, [&](int64_t blo, int64_t bhi) {
-    std::unique_ptr<A[]> bv(new A[kB]), v(new A[kB * count]);
+    std::unique_ptr<A[]> bv(new A[kB]), v(new A[kB * count]), mixed(new A[kB]), div(new A[kB]);
     std::unique_ptr<uint8_t[]> keep(new uint8_t[kB]);
     int64_t nb = 0;
     for (int64_t blk = blo; blk < bhi; ++blk) {
       const int64_t j0 = blk * kB, m = std::min(kB, n - j0);
       for (int64_t t = 0; t < m; ++t) bv[t] = static_cast<A>(F::load(base[j0 + t]));
       terms_block(ins, bv.get(), j0, m, v.get(), keep.get());
-      nb += finish_dispatch<F, 1>(static_cast<int>(count), v.get(), wts, bv.get(), out + j0, m, consensus,
-                                  normalize != 0, scale, lam, wsum_div);
+      mix_dispatch<F, 1>(static_cast<int>(count), consensus, v.get(), wts, m, mixed.get(), div.get());
+      nb += finish_block<F>(mixed.get(), div.get(), consensus != kConsensusNone, bv.get(), out + j0, m,
+                            normalize != 0, scale, lam, wsum_div);
     }
     bad.fetch_add(nb, std::memory_order_relaxed);
   });
@@ -450,18 +491,28 @@ int linear_impl(int64_t n, int64_t count, const uint64_t* xs, void* out_, const 
   std::atomic<int> finite{1};
   int64_t nblocks = (n + kBlock - 1) / kBlock;
   parallel_for(nblocks, n >= kParallelMin ? threads : 1, [&](int64_t blo, int64_t bhi) {
-    bool ok = true;
-    for (int64_t j = blo * kBlock, je = std::min(n, bhi * kBlock); j < je; ++j) {
-      A acc = A(0);
-      // torch's addcmul_ fuses the multiply-add
-      for (int64_t i = 0; i < count; ++i) acc = std::fma(static_cast<A>(F::load(x[i][j])), w[i], acc);
-      if (normalize) acc = acc / wsum;
-      S r = F::store(acc);
-      out[j] = r;
-      A back = static_cast<A>(F::load(r));
-      ok = ok && (back - back == A(0));  // NaN for Inf and NaN
+    std::unique_ptr<A[]> acc(new A[kB]);
+    int64_t bad = 0;
+    for (int64_t j0 = blo * kBlock, je = std::min(n, bhi * kBlock); j0 < je; j0 += kB) {
+      const int64_t m = std::min(kB, je - j0);
+      for (int64_t t = 0; t < m; ++t) acc[t] = A(0);
+      // input by input, as mergekit's addcmul_ loop (which fuses the multiply-add)
+      for (int64_t i = 0; i < count; ++i) {
+        const S* xi = x[i] + j0;
+        const A wi = w[i];
+        for (int64_t t = 0; t < m; ++t) acc[t] = std::fma(static_cast<A>(F::load(xi[t])), wi, acc[t]);
+      }
+      if (normalize)
+        for (int64_t t = 0; t < m; ++t) acc[t] = acc[t] / wsum;
+      S* o = out + j0;
+      for (int64_t t = 0; t < m; ++t) {
+        const S r = F::store(acc[t]);
+        o[t] = r;
+        const A back = static_cast<A>(F::load(r));
+        bad += back - back == A(0) ? 0 : 1;  // NaN for Inf and NaN
+      }
     }
-    if (!ok) finite.store(0, std::memory_order_relaxed);
+    if (bad != 0) finite.store(0, std::memory_order_relaxed);
   });
   return finite.load();
 }

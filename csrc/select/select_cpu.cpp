@@ -1,11 +1,12 @@
 // The select op on the CPU (select/select.h): radix histograms of the magnitude keys (parallel),
 // then, only where equal keys straddle a cut, an introselect that reproduces libstdc++'s
-// introsort on (key, index) pairs exactly at the cuts.
+// introsort on torch's (key, index) pairs exactly at the cuts (one 32-bit word per element: Words).
 //
 // A kernel file (common/cpu_isa.h): compiled once per CPU instruction-set level.
 #include "select/select.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <stdexcept>
@@ -33,6 +34,15 @@ inline uint32_t key_at(const typename F::storage* x, const typename F::storage* 
   return ta_key(d < A(0) ? -d : d);
 }
 
+// The magnitude keys of elements [j0, j0 + m) into k (a loop the compiler vectorises).
+template <typename F>
+inline void keys_block(const typename F::storage* x, const typename F::storage* b, int64_t j0, int64_t m,
+                       uint32_t* k) {
+  for (int64_t t = 0; t < m; ++t) k[t] = key_at<F>(x, b, j0 + t);
+}
+
+constexpr int64_t kKeyBlock = 4096;
+
 // Counts of keys by their high 16 bits (level 0), or by their low 16 bits among keys whose high
 // bits are `prefix` (level 1). Plain arrays, zeroed here: std::vector's fill members called with a
 // constant size get constant-propagated clones that are local to one level's object, which
@@ -53,15 +63,17 @@ Hist histogram(const typename F::storage* x, const typename F::storage* b, int64
   std::unique_ptr<Hist[]> parts(new Hist[nchunks]);
   int64_t step = (n + nchunks - 1) / nchunks;
   parallel_for(nchunks, static_cast<int>(nchunks), [&](int64_t lo, int64_t hi) {
+    std::unique_ptr<uint32_t[]> k(new uint32_t[kKeyBlock]);
     for (int64_t c = lo; c < hi; ++c) {
       Hist h = new_hist();
-      int64_t s = c * step, e = std::min(n, s + step);
-      if (level == 0) {
-        for (int64_t j = s; j < e; ++j) ++h[key_at<F>(x, b, j) >> 16];
-      } else {
-        for (int64_t j = s; j < e; ++j) {
-          uint32_t k = key_at<F>(x, b, j);
-          if ((k >> 16) == prefix) ++h[k & 0xffffu];
+      for (int64_t s = c * step, e = std::min(n, s + step); s < e; s += kKeyBlock) {
+        const int64_t m = std::min(kKeyBlock, e - s);
+        keys_block<F>(x, b, s, m, k.get());
+        if (level == 0) {
+          for (int64_t t = 0; t < m; ++t) ++h[k[t] >> 16];
+        } else {
+          for (int64_t t = 0; t < m; ++t)
+            if ((k[t] >> 16) == prefix) ++h[k[t] & 0xffffu];
         }
       }
       parts[c] = std::move(h);
@@ -99,24 +111,32 @@ Rank rank_key(const typename F::storage* x, const typename F::storage* b, int64_
   return Rank{(hi << 16) | lo, below, below + h1[lo]};
 }
 
-struct KI {
-  uint32_t key;
-  uint32_t idx;
+// The sort's elements as one 32-bit word each. Keys never have bit 31 set (kNanKey is the largest),
+// so a word below 2^31 is an element's key, and only the elements whose key equals one of the two
+// cut keys (the tie groups) carry who they are: 2^31 | o, o an ordinal into a table of their indices
+// (ordinals [0, nlo) have key klo, the rest khi). The sort looks at the keys only, so it moves these
+// words exactly as it would move (key, index) pairs, at half the memory.
+struct Words {
+  uint32_t klo, khi, nlo;
+  MKF_HD uint32_t key(uint32_t w) const {
+    const uint32_t tie = (w & 0x7fffffffu) < nlo ? klo : khi;
+    return (w >> 31) != 0 ? tie : w;
+  }
 };
 
-// std::sort's comparator on the pairs: descending (NaN keys first, as they are the largest) or
-// ascending; the index never takes part (torch's comparators look at the value only).
+// std::sort's comparator: descending (NaN keys first, as they are the largest) or ascending; the
+// index never takes part (torch's comparators look at the value only).
 template <bool Desc>
-inline bool comp(const KI& a, const KI& b) {
-  return Desc ? a.key > b.key : a.key < b.key;
+inline bool comp_key(uint32_t a, uint32_t b) {
+  return Desc ? a > b : a < b;
 }
 
 template <bool Desc>
-void insertion_sort(KI* f, KI* e) {  // stable, as libstdc++'s __insertion_sort
-  for (KI* i = f + 1; i < e; ++i) {
-    KI v = *i;
-    KI* j = i;
-    while (j > f && comp<Desc>(v, *(j - 1))) {
+void insertion_sort(const Words& W, uint32_t* f, uint32_t* e) {  // stable, as libstdc++'s __insertion_sort
+  for (uint32_t* i = f + 1; i < e; ++i) {
+    const uint32_t v = *i, kv = W.key(v);
+    uint32_t* j = i;
+    while (j > f && comp_key<Desc>(kv, W.key(*(j - 1)))) {
       *j = *(j - 1);
       --j;
     }
@@ -124,14 +144,74 @@ void insertion_sort(KI* f, KI* e) {  // stable, as libstdc++'s __insertion_sort
   }
 }
 
+// libstdc++'s __unguarded_partition(first + 1, last, first) on a[f..e), the pivot at a[f]: the same
+// swaps, so the same permutation, as its scalar loop, with the scans done a block at a time without
+// data-dependent branches (as BlockQuicksort, Edelkamp and Weiss 2016, does). Hoare's loop swaps the
+// i-th element from the left that does not sort before the pivot (a "left stop") with the i-th from
+// the right that the pivot does not sort before (a "right stop"), for as long as the left one lies
+// before the right one. While the unscanned middle holds a whole block, every left stop found lies
+// before every right stop found, so the pairs of the blocks' stops are exactly Hoare's next swaps.
+// The last stretch runs the scalar loop from the state Hoare's loop has after the same swaps (stops
+// found but not yet paired are unswapped, so the scalar scans find them again). Returns the cut.
+template <bool Desc>
+int64_t unguarded_partition(const Words& W, uint32_t* a, int64_t f, int64_t e) {
+  constexpr int kB = 256;
+  const uint32_t pk = W.key(a[f]);
+  uint16_t offl[kB], offr[kB];
+  int64_t ls = f + 1, rs = e;  // the unscanned stretch [ls, rs)
+  int64_t lbase = 0, rbase = 0;
+  int nl = 0, nr = 0, sl = 0, sr = 0;  // stops found in the current blocks, and those used
+  int64_t lo = f + 1, hi = e;          // Hoare's state after the swaps done so far
+  while (true) {
+    if (sl == nl) {
+      if (rs - ls < kB) break;
+      lbase = ls;
+      nl = sl = 0;
+      for (int t = 0; t < kB; ++t) {
+        offl[nl] = static_cast<uint16_t>(t);
+        nl += !comp_key<Desc>(W.key(a[ls + t]), pk);
+      }
+      ls += kB;
+    }
+    if (sr == nr) {
+      if (rs - ls < kB) break;
+      rbase = rs - 1;
+      nr = sr = 0;
+      for (int t = 0; t < kB; ++t) {
+        offr[nr] = static_cast<uint16_t>(t);
+        nr += !comp_key<Desc>(pk, W.key(a[rbase - t]));
+      }
+      rs -= kB;
+    }
+    const int q = std::min(nl - sl, nr - sr);
+    for (int u = 0; u < q; ++u) std::swap(a[lbase + offl[sl + u]], a[rbase - offr[sr + u]]);
+    if (q > 0) {
+      lo = lbase + offl[sl + q - 1] + 1;
+      hi = rbase - offr[sr + q - 1];
+    }
+    sl += q;
+    sr += q;
+  }
+  // the scalar loop (the pivot at a[f] and the median-of-three bound both scans, as in libstdc++)
+  while (true) {
+    while (comp_key<Desc>(W.key(a[lo]), pk)) ++lo;
+    --hi;
+    while (comp_key<Desc>(pk, W.key(a[hi]))) --hi;
+    if (!(lo < hi)) return lo;
+    std::swap(a[lo], a[hi]);
+    ++lo;
+  }
+}
+
 // libstdc++'s introsort loop, followed only into the ranges that hold a cut strictly inside.
 template <bool Desc>
-void introselect(KI* a, int64_t n, const std::vector<int64_t>& cuts) {
+void introselect(const Words& W, uint32_t* a, int64_t n, const std::vector<int64_t>& cuts) {
   auto inside = [&](int64_t f, int64_t e) {
     for (int64_t c : cuts)
       if (f < c && c < e) return true;
     return false;
   };
+  auto comp = [&W](uint32_t x, uint32_t y) { return comp_key<Desc>(W.key(x), W.key(y)); };
   if (!inside(0, n)) return;
   int64_t lg = 0;
   while ((int64_t{1} << (lg + 1)) <= n) ++lg;
@@ -145,43 +225,31 @@ void introselect(KI* a, int64_t n, const std::vector<int64_t>& cuts) {
     int64_t f = w.f, e = w.e, depth = w.depth;
     while (true) {
       if (e - f <= kInsertion) {
-        insertion_sort<Desc>(a + f, a + e);
+        insertion_sort<Desc>(W, a + f, a + e);
         break;
       }
       if (depth == 0) {  // std::__partial_sort(first, last, last): heapsort, as introsort does
-        std::partial_sort(a + f, a + e, a + e, comp<Desc>);
+        std::partial_sort(a + f, a + e, a + e, comp);
         break;
       }
       --depth;
       // __move_median_to_first(first, first + 1, mid, last - 1)
-      KI* first = a + f;
-      KI* pa = a + f + 1;
-      KI* pb = a + f + (e - f) / 2;
-      KI* pc = a + e - 1;
-      KI* m;
-      if (comp<Desc>(*pa, *pb)) {
-        m = comp<Desc>(*pb, *pc) ? pb : (comp<Desc>(*pa, *pc) ? pc : pa);
-      } else if (comp<Desc>(*pa, *pc)) {
+      uint32_t* first = a + f;
+      uint32_t* pa = a + f + 1;
+      uint32_t* pb = a + f + (e - f) / 2;
+      uint32_t* pc = a + e - 1;
+      uint32_t* m;
+      if (comp(*pa, *pb)) {
+        m = comp(*pb, *pc) ? pb : (comp(*pa, *pc) ? pc : pa);
+      } else if (comp(*pa, *pc)) {
         m = pa;
-      } else if (comp<Desc>(*pb, *pc)) {
+      } else if (comp(*pb, *pc)) {
         m = pc;
       } else {
         m = pb;
       }
       std::swap(*first, *m);
-      // __unguarded_partition(first + 1, last, first)
-      const KI pivot = *first;
-      KI* lo = a + f + 1;
-      KI* hi = a + e;
-      while (true) {
-        while (comp<Desc>(*lo, pivot)) ++lo;
-        --hi;
-        while (comp<Desc>(pivot, *hi)) --hi;
-        if (!(lo < hi)) break;
-        std::swap(*lo, *hi);
-        ++lo;
-      }
-      int64_t cut = lo - a;
+      int64_t cut = unguarded_partition<Desc>(W, a, f, e);
       bool right = inside(cut, e), left = inside(f, cut);
       if (right && left) {
         stack.push_back({cut, e, depth});
@@ -197,6 +265,40 @@ void introselect(KI* a, int64_t n, const std::vector<int64_t>& cuts) {
   }
 }
 
+// The words of one input (Words), built in parallel: each block counts its tie elements, takes
+// ordinals for them from the groups' counters, then writes its words. `idx` gets each ordinal's
+// element index.
+template <typename F>
+void build_words(const typename F::storage* x, const typename F::storage* b, int64_t n, const Words& W,
+                 uint32_t* a, uint32_t* idx, int threads) {
+  std::atomic<uint32_t> next_lo{0}, next_hi{W.nlo};
+  const int64_t nb = (n + kKeyBlock - 1) / kKeyBlock;
+  parallel_for(nb, n >= kParallelMin ? threads : 1, [&](int64_t blo, int64_t bhi) {
+    for (int64_t blk = blo; blk < bhi; ++blk) {
+      const int64_t j0 = blk * kKeyBlock, m = std::min(kKeyBlock, n - j0);
+      uint32_t* k = a + j0;
+      keys_block<F>(x, b, j0, m, k);
+      uint32_t clo = 0, chi = 0;
+      for (int64_t t = 0; t < m; ++t) {
+        clo += k[t] == W.klo;
+        chi += k[t] == W.khi && W.khi != W.klo;
+      }
+      if (clo + chi == 0) continue;
+      uint32_t olo = clo ? next_lo.fetch_add(clo, std::memory_order_relaxed) : 0;
+      uint32_t ohi = chi ? next_hi.fetch_add(chi, std::memory_order_relaxed) : 0;
+      for (int64_t t = 0; t < m; ++t) {
+        if (k[t] == W.klo) {
+          idx[olo] = static_cast<uint32_t>(j0 + t);
+          k[t] = 0x80000000u | olo++;
+        } else if (k[t] == W.khi) {
+          idx[ohi] = static_cast<uint32_t>(j0 + t);
+          k[t] = 0x80000000u | ohi++;
+        }
+      }
+    }
+  });
+}
+
 template <typename F>
 int64_t select_impl(int64_t n, const void* base_, int64_t count, const uint64_t* xs,
                     const int32_t* modes, const int64_t* as, const int64_t* bs, uint32_t* rules,
@@ -209,6 +311,8 @@ int64_t select_impl(int64_t n, const void* base_, int64_t count, const uint64_t*
   int64_t used = 0;
   std::vector<int64_t> need;  // inputs whose cuts are straddled by ties
   std::vector<std::vector<int64_t>> cuts(static_cast<size_t>(count));
+  std::vector<Words> groups(static_cast<size_t>(count));
+  std::vector<uint32_t> nties(static_cast<size_t>(count));
   for (int64_t i = 0; i < count; ++i) {
     auto x = reinterpret_cast<const S*>(xs[i]);
     uint32_t* rule = rules + 3 * i;
@@ -252,35 +356,37 @@ int64_t select_impl(int64_t n, const void* base_, int64_t count, const uint64_t*
       if (lo_pos > 0) cuts[i].push_back(lo_pos);
       if (hi_pos < n) cuts[i].push_back(hi_pos);
     }
+    // the tie groups: every key equal to lo or hi is decided by the bitmap (rule flags 0)
+    const uint32_t nlo = static_cast<uint32_t>(lo.le - lo.lt);
+    const uint32_t nhi = (top || hi.key == lo.key) ? 0u : static_cast<uint32_t>(hi.le - hi.lt);
+    groups[i] = Words{lo.key, hi.key, nlo};
+    nties[i] = nlo + nhi;
     need.push_back(i);
     used |= int64_t{1} << i;
   }
   if (need.empty()) return used;
-  // one thread per straddled input (each holds n pairs), the pairs built in parallel
+  // one thread per straddled input (each holds n words), the words built in parallel
   int64_t conc = std::max<int64_t>(1, std::min<int64_t>(threads, static_cast<int64_t>(need.size())));
   for (size_t g = 0; g < need.size(); g += static_cast<size_t>(conc)) {
     size_t ge = std::min(need.size(), g + static_cast<size_t>(conc));
-    std::vector<std::vector<KI>> pairs(ge - g);
+    std::vector<std::unique_ptr<uint32_t[]>> arr(ge - g), idx(ge - g);
     for (size_t q = g; q < ge; ++q) {
       int64_t i = need[q];
-      auto x = reinterpret_cast<const S*>(xs[i]);
-      auto& p = pairs[q - g];
-      p.resize(static_cast<size_t>(n));
-      int64_t nb = (n + (1 << 16) - 1) >> 16;
-      parallel_for(nb, n >= kParallelMin ? threads : 1, [&](int64_t lo, int64_t hi) {
-        for (int64_t j = lo << 16, e = std::min(n, hi << 16); j < e; ++j)
-          p[j] = KI{key_at<F>(x, base, j), static_cast<uint32_t>(j)};
-      });
+      const Words& W = groups[i];
+      arr[q - g].reset(new uint32_t[static_cast<size_t>(n)]);
+      idx[q - g].reset(new uint32_t[std::max<size_t>(1, nties[i])]);
+      build_words<F>(reinterpret_cast<const S*>(xs[i]), base, n, W, arr[q - g].get(), idx[q - g].get(), threads);
     }
     parallel_for(static_cast<int64_t>(ge - g), static_cast<int>(ge - g), [&](int64_t lo, int64_t hi) {
       for (int64_t q = lo; q < hi; ++q) {
         int64_t i = need[g + q];
-        auto& p = pairs[q];
+        const Words& W = groups[i];
+        uint32_t* p = arr[q].get();
         bool top = modes[i] == kSelectTop;
         if (top)
-          introselect<true>(p.data(), n, cuts[i]);
+          introselect<true>(W, p, n, cuts[i]);
         else
-          introselect<false>(p.data(), n, cuts[i]);
+          introselect<false>(W, p, n, cuts[i]);
         int64_t a, e;  // the kept positions, in the sort's order
         if (top) {
           a = 0;
@@ -291,12 +397,16 @@ int64_t select_impl(int64_t n, const void* base_, int64_t count, const uint64_t*
         }
         uint64_t* bm = bitmaps + i * words;
         std::fill(bm, bm + words, uint64_t{0});
-        uint32_t klo = rules[3 * i], khi = rules[3 * i + 1];
+        const uint32_t* ix = idx[q].get();
         for (int64_t s = a; s < e; ++s) {
-          uint32_t k = p[s].key;
-          if (k == klo || k == khi) bm[p[s].idx >> 6] |= uint64_t{1} << (p[s].idx & 63);
+          const uint32_t w = p[s];
+          if ((w >> 31) != 0) {
+            const uint32_t j = ix[w & 0x7fffffffu];
+            bm[j >> 6] |= uint64_t{1} << (j & 63);
+          }
         }
-        std::vector<KI>().swap(p);
+        arr[q].reset();
+        idx[q].reset();
       }
     });
   }
