@@ -473,6 +473,36 @@ int combine_impl(int64_t n, const void* base_, void* out_, int64_t count, const 
   return bad.load() == 0 ? 1 : 0;
 }
 
+// linear over elements [j0, je): K inputs a constant, so the inner loop unrolls and the loop over
+// the elements vectorises; returns the count of non-finite outputs
+template <typename F, int K>
+int64_t linear_block(const typename F::storage* const* x, const typename F::A* w, typename F::A wsum, bool normalize,
+                     typename F::storage* out, int64_t j0, int64_t je) {
+  using A = typename F::A;
+  using S = typename F::storage;
+  int64_t bad = 0;
+  for (int64_t j = j0; j < je; ++j) {
+    A acc = A(0);
+    // input by input, as mergekit's addcmul_ loop (which fuses the multiply-add)
+    for (int i = 0; i < K; ++i) acc = std::fma(static_cast<A>(F::load(x[i][j])), w[i], acc);
+    const A q = acc / wsum;
+    const S r = F::store(normalize ? q : acc);
+    out[j] = r;
+    const A back = static_cast<A>(F::load(r));
+    bad += back - back == A(0) ? 0 : 1;  // NaN for Inf and NaN
+  }
+  return bad;
+}
+
+template <typename F, int K>
+int64_t linear_dispatch(int count, const typename F::storage* const* x, const typename F::A* w, typename F::A wsum,
+                        bool normalize, typename F::storage* out, int64_t j0, int64_t je) {
+  if constexpr (K < kCombineMaxInputs) {
+    if (count != K) return linear_dispatch<F, K + 1>(count, x, w, wsum, normalize, out, j0, je);
+  }
+  return linear_block<F, K>(x, w, wsum, normalize, out, j0, je);
+}
+
 template <typename F>
 int linear_impl(int64_t n, int64_t count, const uint64_t* xs, void* out_, const double* weights,
                 int normalize, int threads) {
@@ -491,28 +521,9 @@ int linear_impl(int64_t n, int64_t count, const uint64_t* xs, void* out_, const 
   std::atomic<int> finite{1};
   int64_t nblocks = (n + kBlock - 1) / kBlock;
   parallel_for(nblocks, n >= kParallelMin ? threads : 1, [&](int64_t blo, int64_t bhi) {
-    std::unique_ptr<A[]> acc(new A[kB]);
-    int64_t bad = 0;
-    for (int64_t j0 = blo * kBlock, je = std::min(n, bhi * kBlock); j0 < je; j0 += kB) {
-      const int64_t m = std::min(kB, je - j0);
-      for (int64_t t = 0; t < m; ++t) acc[t] = A(0);
-      // input by input, as mergekit's addcmul_ loop (which fuses the multiply-add)
-      for (int64_t i = 0; i < count; ++i) {
-        const S* xi = x[i] + j0;
-        const A wi = w[i];
-        for (int64_t t = 0; t < m; ++t) acc[t] = std::fma(static_cast<A>(F::load(xi[t])), wi, acc[t]);
-      }
-      if (normalize)
-        for (int64_t t = 0; t < m; ++t) acc[t] = acc[t] / wsum;
-      S* o = out + j0;
-      for (int64_t t = 0; t < m; ++t) {
-        const S r = F::store(acc[t]);
-        o[t] = r;
-        const A back = static_cast<A>(F::load(r));
-        bad += back - back == A(0) ? 0 : 1;  // NaN for Inf and NaN
-      }
-    }
-    if (bad != 0) finite.store(0, std::memory_order_relaxed);
+    const int64_t j0 = blo * kBlock, je = std::min(n, bhi * kBlock);
+    if (linear_dispatch<F, 1>(static_cast<int>(count), x, w, wsum, normalize != 0, out, j0, je) != 0)
+      finite.store(0, std::memory_order_relaxed);
   });
   return finite.load();
 }

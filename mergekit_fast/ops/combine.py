@@ -19,6 +19,10 @@ fp64 tensors of ties/breadcrumbs with rescale (the factor is fp64 there, so the 
 block sums shows). NaN outputs are NaN where torch's are, but their sign and payload bits are not
 reproduced (torch's own depend on the position: its vectorised bf16 conversion writes 0xFFFF, its tail
 loop 0x7FC0).
+
+``ta_merge`` is the op on torch tensors with the backends cpp (these kernels), triton
+(triton_kernels/combine.py: task_arithmetic and DARE, no magnitude selection yet; ``triton_plan``) and
+torch (``ta_merge_ref``, the methods' own arithmetic), and ``verify=`` against the reference.
 """
 
 from __future__ import annotations
@@ -165,23 +169,141 @@ def linear_cpu(tag: int, n: int, xs: list[int], out: int, weights, normalize: bo
 # -- torch conveniences (tests, benchmarks): the kernels on contiguous CPU tensors
 
 
-def ta_merge_tensors(base, others, params: dict, sparsification, consensus, *, name="", seed=None, threads=0):
-    """``ta_merge_cpu`` on torch CPU tensors; returns the output tensor."""
+def ta_merge_tensors(base, others, params: dict, sparsification, consensus, *, name="", seed=None, threads=0,
+                     out=None):  # fmt: skip
+    """``ta_merge_cpu`` on torch CPU tensors; returns the output tensor (``out``, a contiguous tensor like
+    ``base``, when given)."""
     import torch
 
     base = base.contiguous()
     others = [o.contiguous() for o in others]
-    out = torch.empty_like(base)
+    out = torch.empty_like(base) if out is None else out
     ta_merge_cpu(_native.dtype_tag(base.dtype), base.numel(), base.data_ptr(), [o.data_ptr() for o in others],
                  out.data_ptr(), params, sparsification, consensus, name=name, seed=seed, threads=threads)  # fmt: skip
     return out
 
 
-def linear_tensors(inputs, weights, normalize=True, threads=0):
+def linear_tensors(inputs, weights, normalize=True, threads=0, out=None):
+    """``linear_cpu`` on torch CPU tensors; returns the output tensor (``out`` when given)."""
     import torch
 
     inputs = [x.contiguous() for x in inputs]
-    out = torch.empty_like(inputs[0])
+    out = torch.empty_like(inputs[0]) if out is None else out
     linear_cpu(_native.dtype_tag(inputs[0].dtype), inputs[0].numel(), [x.data_ptr() for x in inputs],
                out.data_ptr(), weights, normalize, threads)  # fmt: skip
     return out
+
+
+# -- the op on torch tensors, every backend: cpp (the kernels above), triton, torch (the reference)
+
+
+def triton_plan(sparsification: str | None, params: dict, count: int, dtype) -> str | None:
+    """Whether the Triton kernel (triton_kernels/combine.py) serves this tensor; a reason string when not."""
+    import torch
+
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"dtype {dtype} has no Triton kernel"
+    if not 1 <= count <= MAX_INPUTS:
+        return f"{count} non-base models (the kernel takes 1 to {MAX_INPUTS})"
+    if sparsification not in (None, "random"):
+        return f"sparsification {sparsification} has no Triton kernel (no Triton select yet)"
+    if params.get("precise_sparsify"):
+        return "precise_sparsify has no Triton kernel"
+    return None
+
+
+def _run_triton(base, others, params, sparsification, consensus, name, seed, out):
+    import torch
+
+    from mergekit_fast.methods import rng
+    from mergekit_fast.triton_kernels import combine as tk
+
+    count = len(others)
+    random = sparsification == "random"
+    if random and seed is None:
+        raise ValueError(f"{name}: a random merge method needs a seed")
+    densities = [float(d) for d in params.get("density", (1.0,) * count)]
+    thrs, hashes = [], []
+    for i, d in enumerate(densities):
+        p = _bf16(d) if base.dtype == torch.bfloat16 else _f32(d)
+        thrs.append(math.ceil(_f32(p) * 2.0**24) if random else 0)
+        hashes.append(rng.stream_hash(name, i) if random else 0)
+    weights = torch.tensor([float(w) for w in params["weight"]], dtype=base.dtype).float().tolist()
+    tk.ta_combine(base, others, weights=weights, densities=densities, random=random, consensus=consensus,
+                  normalize=bool(params.get("normalize")), rescale=bool(params.get("rescale")),
+                  lam=float(params.get("lambda", 1.0)), seed=int(seed or 0) & 0xFFFFFFFFFFFFFFFF, hashes=hashes,
+                  thresholds=thrs, out=out)  # fmt: skip
+
+
+def ta_merge_ref(base, others, params: dict, sparsification, consensus, *, name="", seed=None):
+    """The torch reference: ``methods._task_arithmetic.merge`` (mergekit 0.1.5's arithmetic), on the CPU."""
+    from mergekit_fast.methods import _task_arithmetic as ta
+    from mergekit_fast.methods.base import Context
+
+    inputs = [base.detach().cpu(), *[o.detach().cpu() for o in others]]
+    return ta.merge(
+        inputs, dict(params), sparsification, consensus, Context(name=name, seed=seed), fast=False
+    )
+
+
+def ta_merge(base, others, params: dict, sparsification: str | None = None, consensus: str | None = None, *,
+             name: str = "", seed: int | None = None, backend: str = "auto", verify: bool = False, out=None):  # fmt: skip
+    """One output tensor of the task-arithmetic family on any backend: ``base`` and the non-base ``others``
+    (same shape, dtype and device), ``params`` as the methods plan them (per-input tuples ``weight``,
+    ``density``, ``gamma``; shared ``normalize``, ``rescale``, ``lambda``), ``sparsification`` None,
+    "magnitude", "magnitude_outliers" or "random", ``consensus`` None, "sum" or "count"; ``name`` and
+    ``seed`` key the random draws. Every backend gives mergekit 0.1.5's bits (the module docstring's
+    one documented exception aside); ``verify=True`` (or MERGEKIT_FAST_VERIFY=1) checks the result
+    against the torch reference, element for element, and raises VerificationError where it differs.
+    "auto" takes the fastest backend that serves the tensor (cpp on the CPU; triton on CUDA), else torch.
+    """
+    import torch
+
+    from mergekit_fast import backends
+    from mergekit_fast.ops import _verify, verify_requested
+
+    for i, o in enumerate(others):
+        if o.shape != base.shape or o.dtype != base.dtype or o.device != base.device:
+            raise ValueError(f"ta_merge: input {i + 1} is {tuple(o.shape)} {o.dtype} on {o.device}; the base is "
+                             f"{tuple(base.shape)} {base.dtype} on {base.device}")  # fmt: skip
+    name_b = backends.select("combine", base.device, backend, implemented=("cpp", "triton", "torch"))
+    count = len(others)
+    why = None
+    if name_b == "cpp":
+        why = native_plan(sparsification, params, base.numel(), count, _native.dtype_tag(base.dtype))
+    elif name_b == "triton":
+        why = triton_plan(sparsification, params, count, base.dtype)
+    if why is not None:
+        if (backend or "auto") != "auto":
+            raise backends.BackendUnavailable(
+                f"ta_merge: the {name_b} backend does not serve this tensor: {why}"
+            )
+        name_b = "torch"
+    if name_b == "torch":
+        result = ta_merge_ref(base, others, params, sparsification, consensus, name=name, seed=seed).to(
+            base.device
+        )
+        result = out.copy_(result) if out is not None else result
+    else:
+        base_c = base.contiguous()
+        others_c = [o.contiguous() for o in others]
+        result = torch.empty_like(base_c) if out is None or not out.is_contiguous() else out
+        if name_b == "cpp":
+            ta_merge_tensors(
+                base_c, others_c, params, sparsification, consensus, name=name, seed=seed, out=result
+            )
+        else:
+            _run_triton(base_c, others_c, params, sparsification, consensus, name, seed, result)
+        if out is not None and result is not out:
+            result = out.copy_(result)
+    if verify_requested(verify) and name_b != "torch":
+        ref = ta_merge_ref(base, others, params, sparsification, consensus, name=name, seed=seed)
+        got = result.detach().cpu()
+        same = torch.equal(torch.isnan(got), torch.isnan(ref)) and torch.equal(
+            torch.nan_to_num(got, nan=0.0), torch.nan_to_num(ref, nan=0.0))  # fmt: skip
+        if not same:
+            bad = int((got != ref).logical_and(~(torch.isnan(got) & torch.isnan(ref))).sum())
+            raise _verify.VerificationError(
+                f"ta_merge[{name_b}]: {bad} elements differ from the torch reference"
+            )
+    return result
