@@ -15,6 +15,7 @@ Writes bench/results/methods-<machine>.csv (and .json with the machine's facts).
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from pathlib import Path
@@ -151,14 +152,55 @@ def main(argv=None) -> int:
     return 0
 
 
+def triton_main(method_names: list[str], quick: bool, device: str, out_dir: Path) -> int:
+    """The combine op's Triton kernels on ``device`` (a GPU): GB/s against the device's copy bandwidth,
+    and the result against the C++ kernel's on the CPU, byte for byte."""
+    shape = (1024, 4096) if quick else (14336, 4096)
+    n = shape[0] * shape[1]
+    bw = common.copy_bandwidth(device)
+    print(f"{device} copy bandwidth {bw / 1e9:.1f} GB/s; tensor {shape[0]} x {shape[1]} bf16")
+    base, xs = tensors(shape, 2)
+    gbase, gxs = base.to(device), [x.to(device) for x in xs]
+    rows = []
+    for method in method_names:
+        sp, cons, shared, per, arrays = METHODS[method]
+        params = {**shared, "lambda": 1.0, **{key: tuple(v[:2]) for key, v in per.items()}}
+        why = (
+            "linear has its own op" if method == "linear" else combine.triton_plan(sp, params, 2, base.dtype)
+        )
+        if why:
+            print(f"{method}: no Triton kernel ({why})")
+            continue
+        out = torch.empty_like(gbase)
+
+        run = functools.partial(combine.ta_merge, gbase, gxs, params, sp, cons, name=NAME, seed=SEED,
+                                backend="triton", out=out)  # fmt: skip
+
+        t = common.bench_time(run, device=device, budget_s=1.0)
+        traffic = arrays(2) * n * 2
+        ref = combine.ta_merge_tensors(base, xs, params, sp, cons, name=NAME, seed=SEED)
+        row = {"method": method, "backend": "triton", "device": device, "numel": n, "seconds": round(t, 6),
+               "GBps": round(traffic / t / 1e9, 1), "of_copy_bandwidth": round(traffic / t / bw, 3),
+               "equal_to_cpp": bool(torch.equal(run().cpu(), ref))}  # fmt: skip
+        rows.append(row)
+        print(", ".join(f"{key}={v}" for key, v in row.items()), flush=True)
+    stem = f"combine-triton-{common.machine_tag()}" + ("-quick" if quick else "")
+    csv_path, _ = common.write_rows(rows, out_dir, stem)
+    print(f"wrote {csv_path}")
+    return 0
+
+
 def op_main(op: str, method_names: list[str], doc: str, argv=None) -> int:
     """The per-op kernel benchmark that bench/gpu_check.sh runs (bench_<op>.py): these methods' kernels.
-    The op has C++ CPU kernels only so far, so it measures on the CPU whatever --device says."""
+    On a GPU the combine op runs its Triton kernels (the others measure their C++ CPU kernels, as
+    they have no GPU kernels yet)."""
     p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", type=Path, default=common.RESULTS)
     args = p.parse_args(argv)
+    if args.device != "cpu" and op == "combine":
+        return triton_main(method_names, args.quick, args.device, args.out)
     if args.device != "cpu":
         print(f"{op}: no {args.device} kernels yet; measuring the C++ CPU kernels")
     extra = ["--quick", "--skip-mergekit"] if args.quick else []

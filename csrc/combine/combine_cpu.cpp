@@ -149,42 +149,47 @@ inline void philox_keep(const PhiloxStream& ps, uint32_t thr, int64_t j0, int64_
   }
 }
 
+// bits [j0, j0 + m) of a bitmap as 0/1 flags (j0 a multiple of 64, as kB is: a word per 64 elements)
+inline void bitmap_flags(const uint64_t* bm, int64_t j0, int64_t m, uint8_t* flags) {
+  bm += j0 >> 6;
+  for (int64_t t0 = 0; t0 < m; t0 += 64) {
+    const uint64_t word = bm[t0 >> 6];
+    const int64_t te = std::min<int64_t>(64, m - t0);
+    for (int64_t l = 0; l < te; ++l) flags[t0 + l] = static_cast<uint8_t>((word >> l) & 1u);
+  }
+}
+
 // keep flags (0/1) of elements [j0, j0 + m) from their deltas
 template <typename F>
 inline void keep_block(const In<F>& in, const typename F::A* d, int64_t j0, int64_t m, uint8_t* keep) {
-  using A = typename F::A;
   switch (in.mask) {
     case kMaskRule: {
+      // branch-free (bitwise, not short-circuit, logic) so that the loops vectorise; ta_key takes the
+      // magnitude itself (it clears the sign bit), so |d| is not formed
       const uint32_t lo = in.lo, hi = in.hi, flags = in.flags;
       const bool lo_all = (flags & kLoAll) != 0, hi_all = (flags & kHiAll) != 0;
       if (in.bm == nullptr) {
         for (int64_t t = 0; t < m; ++t) {
-          A a = d[t] < A(0) ? -d[t] : d[t];
-          uint32_t key = ta_key(a);
-          bool above = key > lo || (key == lo && lo_all);
-          bool below = key < hi || (key == hi && hi_all);
-          keep[t] = static_cast<uint8_t>(above && below);
+          const uint32_t key = ta_key(d[t]);
+          const bool above = (key > lo) | ((key == lo) & lo_all);
+          const bool below = (key < hi) | ((key == hi) & hi_all);
+          keep[t] = static_cast<uint8_t>(above & below);
         }
       } else {
-        const uint64_t* bm = in.bm;
+        bitmap_flags(in.bm, j0, m, keep);  // the tie bits first, then the rule over them
         for (int64_t t = 0; t < m; ++t) {
-          A a = d[t] < A(0) ? -d[t] : d[t];
-          uint32_t key = ta_key(a);
-          int64_t j = j0 + t;
-          bool tie = ((bm[j >> 6] >> (j & 63)) & 1u) != 0;
-          keep[t] = static_cast<uint8_t>(ta_rule_keep(key, lo, hi, flags, tie));
+          const uint32_t key = ta_key(d[t]);
+          const bool tie = keep[t] != 0;
+          const bool above = (key > lo) | ((key == lo) & (lo_all | tie));
+          const bool below = (key < hi) | ((key == hi) & (hi_all | tie));
+          keep[t] = static_cast<uint8_t>(above & below);
         }
       }
       break;
     }
-    case kMaskBitmap: {
-      const uint64_t* bm = in.bm;
-      for (int64_t t = 0; t < m; ++t) {
-        int64_t j = j0 + t;
-        keep[t] = static_cast<uint8_t>((bm[j >> 6] >> (j & 63)) & 1u);
-      }
+    case kMaskBitmap:
+      bitmap_flags(in.bm, j0, m, keep);
       break;
-    }
     case kMaskRandom:
       philox_keep(in.ps, in.thr, j0, m, keep);
       break;
