@@ -104,6 +104,26 @@ def _sign(v):
 
 
 @triton.jit
+def _sum(z, a, b, c, d, K: tl.constexpr):
+    """z + a + b + c + d over the first K terms, in that order (torch's order for a stack of inputs)."""
+    s = z + a
+    if K > 1:
+        s = s + b
+    if K > 2:
+        s = s + c
+    if K > 3:
+        s = s + d
+    return s
+
+
+@triton.jit
+def _agreeing(v, w, maj):
+    """(v, w) where v's sign is the majority's, else (v * 0, w * 0): the sign election's terms."""
+    agree = _sign(v) == maj
+    return tl.where(agree, v, v * 0.0), tl.where(agree, w, w * 0.0)
+
+
+@triton.jit
 def _combine_kernel(base_ptr, out_ptr, x0, x1, x2, x3, n,
                     w0, w1, w2, w3, t0, t1, t2, t3, hl0, hh0, hl1, hh1, hl2, hh2, hl3, hh3, klo, khi,
                     f0, f1, f2, f3, lam, wsum_div,
@@ -128,50 +148,19 @@ def _combine_kernel(base_ptr, out_ptr, x0, x1, x2, x3, n,
     zero = tl.zeros_like(b)
     if CONSENSUS != 0:
         if CONSENSUS == 1:
-            vote = zero + v0
-            if K > 1:
-                vote = vote + v1
-            if K > 2:
-                vote = vote + v2
-            if K > 3:
-                vote = vote + v3
+            vote = _sum(zero, v0, v1, v2, v3, K)
         else:
-            vote = zero + _sign(v0)
-            if K > 1:
-                vote = vote + _sign(v1)
-            if K > 2:
-                vote = vote + _sign(v2)
-            if K > 3:
-                vote = vote + _sign(v3)
-        vote = _rd(vote, DT)
-        maj = tl.where(vote >= 0, 1.0, -1.0)
-        a0 = _sign(v0) == maj
-        mixed = zero + tl.where(a0, v0, v0 * 0.0)
-        div = zero + tl.where(a0, zero + w0, zero + w0 * 0.0)
-        if K > 1:
-            a1 = _sign(v1) == maj
-            mixed = mixed + tl.where(a1, v1, v1 * 0.0)
-            div = div + tl.where(a1, zero + w1, zero + w1 * 0.0)
-        if K > 2:
-            a2 = _sign(v2) == maj
-            mixed = mixed + tl.where(a2, v2, v2 * 0.0)
-            div = div + tl.where(a2, zero + w2, zero + w2 * 0.0)
-        if K > 3:
-            a3 = _sign(v3) == maj
-            mixed = mixed + tl.where(a3, v3, v3 * 0.0)
-            div = div + tl.where(a3, zero + w3, zero + w3 * 0.0)
-        mixed = _rd(mixed, DT)
-        div = _rd(div, DT)
+            vote = _sum(zero, _sign(v0), _sign(v1), _sign(v2), _sign(v3), K)
+        maj = tl.where(_rd(vote, DT) >= 0, 1.0, -1.0)
+        m0, d0 = _agreeing(v0, zero + w0, maj)
+        m1, d1 = _agreeing(v1, zero + w1, maj)
+        m2, d2 = _agreeing(v2, zero + w2, maj)
+        m3, d3 = _agreeing(v3, zero + w3, maj)
+        mixed = _rd(_sum(zero, m0, m1, m2, m3, K), DT)
+        div = _rd(_sum(zero, d0, d1, d2, d3, K), DT)
         div = tl.where(div == 0, 1.0, div)
     else:
-        mixed = zero + v0
-        if K > 1:
-            mixed = mixed + v1
-        if K > 2:
-            mixed = mixed + v2
-        if K > 3:
-            mixed = mixed + v3
-        mixed = _rd(mixed, DT)
+        mixed = _rd(_sum(zero, v0, v1, v2, v3, K), DT)
         div = zero + wsum_div
     if NORMALIZE:
         mixed = _rd(tl.math.div_rn(mixed, div), DT)
