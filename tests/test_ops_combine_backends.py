@@ -136,7 +136,7 @@ def test_verify_catches_a_wrong_result(monkeypatch):
         real(base, others, params, sparsification, consensus, name, seed + 1, out)  # other draws
 
     monkeypatch.setattr(combine, "_run_triton", off_by_one)
-    with pytest.raises(_verify.VerificationError, match="differ from the torch reference"):
+    with pytest.raises(_verify.VerificationError, match="disagrees with the torch reference"):
         combine.ta_merge(base, xs, p, sp, cons, name="x", seed=3, backend="triton", verify=True)
 
 

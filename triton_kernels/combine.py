@@ -247,7 +247,6 @@ def ta_combine(base: torch.Tensor, others, *, weights, densities, random: bool, 
     ms = masks + [_MASK_ZERO] * pad
     fs = [1.0 if f is None else f for f in factors] + [1.0] * pad
     has_f = [f is not None for f in factors] + [False] * pad
-    wsum = 0.0
     acc = torch.zeros((), dtype=torch.float32)
     for w in weights:
         acc = acc + torch.tensor(float(w), dtype=torch.float32)

@@ -139,10 +139,10 @@ inline void philox_keep(const PhiloxStream& ps, uint32_t thr, int64_t j0, int64_
     }
     uint8_t kp[4 * kLanes];
     for (int l = 0; l < kLanes; ++l) {
-      kp[4 * l] = static_cast<uint8_t>((c0[l] >> 8) < thr);  // (word >> 8) < thr: ta_draw_keep
-      kp[4 * l + 1] = static_cast<uint8_t>((c1[l] >> 8) < thr);
-      kp[4 * l + 2] = static_cast<uint8_t>((c2[l] >> 8) < thr);
-      kp[4 * l + 3] = static_cast<uint8_t>((c3[l] >> 8) < thr);
+      kp[4 * l] = static_cast<uint8_t>(ta_draw_keep(static_cast<uint32_t>(c0[l]), thr));
+      kp[4 * l + 1] = static_cast<uint8_t>(ta_draw_keep(static_cast<uint32_t>(c1[l]), thr));
+      kp[4 * l + 2] = static_cast<uint8_t>(ta_draw_keep(static_cast<uint32_t>(c2[l]), thr));
+      kp[4 * l + 3] = static_cast<uint8_t>(ta_draw_keep(static_cast<uint32_t>(c3[l]), thr));
     }
     const int64_t t0 = 4 * q0, te = std::min<int64_t>(m, t0 + 4 * kLanes);
     for (int64_t t = t0; t < te; ++t) keep[t] = kp[t - t0];
@@ -164,26 +164,15 @@ template <typename F>
 inline void keep_block(const In<F>& in, const typename F::A* d, int64_t j0, int64_t m, uint8_t* keep) {
   switch (in.mask) {
     case kMaskRule: {
-      // branch-free (bitwise, not short-circuit, logic) so that the loops vectorise; ta_key takes the
-      // magnitude itself (it clears the sign bit), so |d| is not formed
+      // ta_key takes the magnitude itself (it clears the sign bit), so |d| is not formed
       const uint32_t lo = in.lo, hi = in.hi, flags = in.flags;
-      const bool lo_all = (flags & kLoAll) != 0, hi_all = (flags & kHiAll) != 0;
       if (in.bm == nullptr) {
-        for (int64_t t = 0; t < m; ++t) {
-          const uint32_t key = ta_key(d[t]);
-          const bool above = (key > lo) | ((key == lo) & lo_all);
-          const bool below = (key < hi) | ((key == hi) & hi_all);
-          keep[t] = static_cast<uint8_t>(above & below);
-        }
+        for (int64_t t = 0; t < m; ++t)
+          keep[t] = static_cast<uint8_t>(ta_rule_keep(ta_key(d[t]), lo, hi, flags, false));
       } else {
         bitmap_flags(in.bm, j0, m, keep);  // the tie bits first, then the rule over them
-        for (int64_t t = 0; t < m; ++t) {
-          const uint32_t key = ta_key(d[t]);
-          const bool tie = keep[t] != 0;
-          const bool above = (key > lo) | ((key == lo) & (lo_all | tie));
-          const bool below = (key < hi) | ((key == hi) & (hi_all | tie));
-          keep[t] = static_cast<uint8_t>(above & below);
-        }
+        for (int64_t t = 0; t < m; ++t)
+          keep[t] = static_cast<uint8_t>(ta_rule_keep(ta_key(d[t]), lo, hi, flags, keep[t] != 0));
       }
       break;
     }

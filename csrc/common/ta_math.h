@@ -59,11 +59,11 @@ MKF_HD uint32_t ta_key(float f) {
 MKF_HD uint32_t ta_key(double d) { return ta_key(static_cast<float>(d)); }
 
 // keep by the threshold rule: lo < key < hi, a key equal to lo or hi kept when its flag says all
-// are, else when its tie bit is set
+// are, else when its tie bit is set (bitwise logic, no short circuit: CPU loops over it vectorise)
 MKF_HD bool ta_rule_keep(uint32_t key, uint32_t lo, uint32_t hi, uint32_t flags, bool tie_bit) {
-  bool above = key > lo || (key == lo && ((flags & kLoAll) != 0 || tie_bit));
-  bool below = key < hi || (key == hi && ((flags & kHiAll) != 0 || tie_bit));
-  return above && below;
+  const bool above = (key > lo) | ((key == lo) & (((flags & kLoAll) != 0) | tie_bit));
+  const bool below = (key < hi) | ((key == hi) & (((flags & kHiAll) != 0) | tie_bit));
+  return above & below;
 }
 
 MKF_HD bool ta_bit(const uint64_t* bm, int64_t j) {

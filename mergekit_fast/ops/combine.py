@@ -59,6 +59,16 @@ def _bf16(x: float) -> float:
     return struct.unpack("<f", struct.pack("<I", u & 0xFFFFFFFF))[0]
 
 
+def draw_key(density: float, bf16: bool, name: str, i: int) -> tuple[int, int]:
+    """The DARE draw of input ``i`` as the kernels take it (csrc/common/ta_math.h ta_draw_keep): the
+    Bernoulli threshold ceil(p * 2^24) of the density p as mergekit holds it (bf16 for bf16 tensors,
+    else fp32), and the Philox stream hash of the tensor name (methods/rng.py)."""
+    from mergekit_fast.methods import rng
+
+    p = _bf16(density) if bf16 else _f32(density)
+    return math.ceil(_f32(p) * 2.0**24), rng.stream_hash(name, i)
+
+
 def native_plan(sparsification: str | None, params: dict, n: int, count: int, tag: int | None):
     """Whether the kernels serve this tensor (see the module docstring); a reason string when not."""
     if tag is None:
@@ -84,8 +94,6 @@ def ta_merge_cpu(tag: int, n: int, base: int, xs: list[int], out: int, params: d
     """One tensor of the task-arithmetic family: ``base`` and the non-base inputs ``xs`` (addresses of n
     elements of dtype ``tag``) into ``out``; ``params`` as the method's planned parameters (per non-base
     tuples). Returns whether every output element is finite."""
-    from mergekit_fast.methods import rng
-
     count = len(xs)
     why = native_plan(sparsification, params, n, count, tag)
     if why is not None:
@@ -120,11 +128,9 @@ def ta_merge_cpu(tag: int, n: int, base: int, xs: list[int], out: int, params: d
         else:  # random
             if seed is None:
                 raise ValueError(f"{name}: a random merge method needs a seed (the engine always passes one)")
-            p = _bf16(density) if tag == _BF16 else _f32(density)
             masks[i] = MASK_RANDOM
             works[i] = {_BF16: WORK_D, _F32: WORK_D, _F16: WORK_C, _F64: WORK_32}[tag]
-            thrs[i] = math.ceil(_f32(p) * 2.0**24)
-            hashes[i] = rng.stream_hash(name, i)
+            thrs[i], hashes[i] = draw_key(density, tag == _BF16, name, i)
     rules = [(0, 0, 0)] * count
     bitmaps = [0] * count
     keep = None
@@ -215,7 +221,6 @@ def triton_plan(sparsification: str | None, params: dict, count: int, dtype) -> 
 def _run_triton(base, others, params, sparsification, consensus, name, seed, out):
     import torch
 
-    from mergekit_fast.methods import rng
     from mergekit_fast.triton_kernels import combine as tk
 
     count = len(others)
@@ -223,11 +228,11 @@ def _run_triton(base, others, params, sparsification, consensus, name, seed, out
     if random and seed is None:
         raise ValueError(f"{name}: a random merge method needs a seed")
     densities = [float(d) for d in params.get("density", (1.0,) * count)]
-    thrs, hashes = [], []
-    for i, d in enumerate(densities):
-        p = _bf16(d) if base.dtype == torch.bfloat16 else _f32(d)
-        thrs.append(math.ceil(_f32(p) * 2.0**24) if random else 0)
-        hashes.append(rng.stream_hash(name, i) if random else 0)
+    keys = [
+        draw_key(d, base.dtype == torch.bfloat16, name, i) if random else (0, 0)
+        for i, d in enumerate(densities)
+    ]
+    thrs, hashes = [k[0] for k in keys], [k[1] for k in keys]
     weights = torch.tensor([float(w) for w in params["weight"]], dtype=base.dtype).float().tolist()
     tk.ta_combine(base, others, weights=weights, densities=densities, random=random, consensus=consensus,
                   normalize=bool(params.get("normalize")), rescale=bool(params.get("rescale")),
@@ -296,14 +301,7 @@ def ta_merge(base, others, params: dict, sparsification: str | None = None, cons
             _run_triton(base_c, others_c, params, sparsification, consensus, name, seed, result)
         if out is not None and result is not out:
             result = out.copy_(result)
-    if verify_requested(verify) and name_b != "torch":
+    if verify_requested(verify) and name_b != "torch":  # exact: every backend computes torch's roundings
         ref = ta_merge_ref(base, others, params, sparsification, consensus, name=name, seed=seed)
-        got = result.detach().cpu()
-        same = torch.equal(torch.isnan(got), torch.isnan(ref)) and torch.equal(
-            torch.nan_to_num(got, nan=0.0), torch.nan_to_num(ref, nan=0.0))  # fmt: skip
-        if not same:
-            bad = int((got != ref).logical_and(~(torch.isnan(got) & torch.isnan(ref))).sum())
-            raise _verify.VerificationError(
-                f"ta_merge[{name_b}]: {bad} elements differ from the torch reference"
-            )
+        _verify.check(f"ta_merge[{name_b}]", result, ref, max_ulps=0.0)
     return result
