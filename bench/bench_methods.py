@@ -27,6 +27,8 @@ import common  # noqa: E402
 
 from mergekit_fast.ops import combine  # noqa: E402
 
+POINTWISE = "pointwise"  # not a sparsification: a method of its own kernel (its compute on the tensors)
+
 # method: (sparsification, consensus, shared params, per-input params, arrays moved at the least)
 # arrays: the reads and writes of one pass each, n elements of 2 bytes: k inputs + base read and the
 # output written once (combine), plus base + inputs read once more where the method must see every
@@ -47,6 +49,11 @@ METHODS = {
                     {"weight": (0.6, 0.4, 0.3), "density": (0.5, 0.3, 0.4)}, lambda k: 2 * (k + 1) + 1),
     "dare_ties": ("random", "sum", {"normalize": True, "rescale": True},
                   {"weight": (0.6, 0.4, 0.3), "density": (0.5, 0.3, 0.4)}, lambda k: 2 * (k + 1) + 1),
+    # the pointwise methods (csrc/combine/pointwise_cpu.cpp, through the method's compute); nearswap takes
+    # the base and the first input only; ramplus_tl reads everything twice (its per-model counts first)
+    "nearswap": (POINTWISE, None, {"t": 1e-3}, {}, lambda k: 3),
+    "ram": (POINTWISE, None, {"epsilon": 1e-5}, {}, lambda k: (k + 1) + 1),
+    "ramplus_tl": (POINTWISE, None, {"r": 0.1, "alpha": 0.2, "epsilon": 1e-5}, {}, lambda k: 2 * (k + 1) + 1),
 }  # fmt: skip
 NAME, SEED = "model.layers.0.mlp.down_proj.weight", 42
 
@@ -58,6 +65,10 @@ def tensors(shape, k: int):
     return base, xs
 
 
+def _inputs_of(method: str, xs):
+    return xs[:1] if method == "nearswap" else xs
+
+
 def mergekit_fn(method: str, base, xs, shared: dict, per: dict):
     """mergekit 0.1.5's own merge_group of ``method`` on these tensors (None without mergekit)."""
     try:
@@ -67,6 +78,7 @@ def mergekit_fn(method: str, base, xs, shared: dict, per: dict):
         return None
     impl = mk.get(method)
     names = [p.name for p in impl.spec.parameters]
+    xs = _inputs_of(method, xs)
     k = len(xs)
     if method == "linear":  # a batched method: one output of shape [1, ...], the weights [1, inputs]
         from mergekit.merge_methods.base import TensorBatch
@@ -92,6 +104,12 @@ def native_fn(method: str, base, xs, shared: dict, per: dict):
     sp, cons = METHODS[method][0], METHODS[method][1]
     k = len(xs)
     out = torch.zeros_like(base)
+    if sp == POINTWISE:
+        from mergekit_fast import methods
+        from mergekit_fast.methods.base import Context
+
+        ins = [base, *_inputs_of(method, xs)]
+        return lambda: methods.get(method).compute(ins, shared, Context(), out)
     if method == "linear":
         ins = [base, *xs]
         return lambda: combine.linear_tensors(ins, per["weight"][: k + 1], shared["normalize"], out=out)
@@ -122,7 +140,7 @@ def main(argv=None) -> int:
             t_nat = common.bench_time(nat, budget_s=2.0, min_reps=3)
             row = {
                 "method": method,
-                "inputs": k,
+                "inputs": len(_inputs_of(method, xs)),
                 "numel": n,
                 "dtype": "bfloat16",
                 "native_s": round(t_nat, 4),
@@ -165,9 +183,10 @@ def triton_main(method_names: list[str], quick: bool, device: str, out_dir: Path
     for method in method_names:
         sp, cons, shared, per, arrays = METHODS[method]
         params = {**shared, "lambda": 1.0, **{key: tuple(v[:2]) for key, v in per.items()}}
-        why = (
-            "linear has its own op" if method == "linear" else combine.triton_plan(sp, params, 2, base.dtype)
-        )
+        if method == "linear" or sp == POINTWISE:
+            why = "linear has its own op" if method == "linear" else "no Triton kernel yet"
+        else:
+            why = combine.triton_plan(sp, params, 2, base.dtype)
         if why:
             print(f"{method}: no Triton kernel ({why})")
             continue

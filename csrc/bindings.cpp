@@ -195,6 +195,31 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("dtype"), py::arg("ptrs"), py::arg("numel"), py::arg("row_len"), py::arg("t"),
       py::arg("threads") = 0);
+  m.def(
+      "multislerp_pass_cpu",
+      [](int dtype, int pass, int64_t n, int64_t numel, uintptr_t ptrs, uintptr_t scalars, int threads) {
+        py::gil_scoped_release nogil;
+        return mkf::multislerp_pass_cpu(dtype, pass, n, numel, ptr<const uint64_t>(ptrs), ptr<const double>(scalars),
+                                        threads);
+      },
+      py::arg("dtype"), py::arg("pass_"), py::arg("n"), py::arg("numel"), py::arg("ptrs"),
+      py::arg("scalars"), py::arg("threads") = 0);
+  m.def(
+      "nuslerp_pass_cpu",
+      [](int dtype, int pass, int64_t numel, uintptr_t ptrs, uintptr_t scalars, int threads) {
+        py::gil_scoped_release nogil;
+        return mkf::nuslerp_pass_cpu(dtype, pass, numel, ptr<const uint64_t>(ptrs), ptr<const double>(scalars),
+                                     threads);
+      },
+      py::arg("dtype"), py::arg("pass_"), py::arg("numel"), py::arg("ptrs"), py::arg("scalars"),
+      py::arg("threads") = 0);
+  m.def(
+      "model_stock_terms_cpu",
+      [](int dtype, int64_t n_models, int64_t numel, uintptr_t ptrs, int threads) {
+        py::gil_scoped_release nogil;
+        mkf::model_stock_terms_cpu(dtype, n_models, numel, ptr<const uint64_t>(ptrs), threads);
+      },
+      py::arg("dtype"), py::arg("n_models"), py::arg("numel"), py::arg("ptrs"), py::arg("threads") = 0);
   // END gram bindings
 
   // ---------------------------------------------------------------- top-k routing
@@ -300,6 +325,35 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("dtype"), py::arg("n"), py::arg("count"), py::arg("xs"), py::arg("out"),
       py::arg("weights"), py::arg("normalize"), py::arg("threads") = 0);
+  m.def(
+      "nearswap_cpu",
+      [](int dtype, int64_t n, uintptr_t base, uintptr_t x, uintptr_t out, double t, int threads) {
+        py::gil_scoped_release nogil;
+        return mkf::nearswap_cpu(dtype, n, ptr<const void>(base), ptr<const void>(x), ptr<void>(out), t,
+                                 threads);
+      },
+      py::arg("dtype"), py::arg("n"), py::arg("base"), py::arg("x"), py::arg("out"), py::arg("t"),
+      py::arg("threads") = 0);
+  m.def(
+      "ram_cpu",
+      [](int dtype, int64_t n, int64_t m, uintptr_t base, uintptr_t xs, uintptr_t out, double epsilon,
+         int threads) {
+        py::gil_scoped_release nogil;
+        return mkf::ram_cpu(dtype, n, m, ptr<const void>(base), ptr<const uint64_t>(xs), ptr<void>(out),
+                            epsilon, threads);
+      },
+      py::arg("dtype"), py::arg("n"), py::arg("m"), py::arg("base"), py::arg("xs"), py::arg("out"),
+      py::arg("epsilon"), py::arg("threads") = 0);
+  m.def(
+      "ramplus_tl_cpu",
+      [](int dtype, int out_dtype, int64_t n, int64_t m, uintptr_t base, uintptr_t xs, uintptr_t out,
+         double r, double alpha, double epsilon, int threads) {
+        py::gil_scoped_release nogil;
+        return mkf::ramplus_tl_cpu(dtype, out_dtype, n, m, ptr<const void>(base), ptr<const uint64_t>(xs),
+                                   ptr<void>(out), r, alpha, epsilon, threads);
+      },
+      py::arg("dtype"), py::arg("out_dtype"), py::arg("n"), py::arg("m"), py::arg("base"), py::arg("xs"), py::arg("out"),
+      py::arg("r"), py::arg("alpha"), py::arg("epsilon"), py::arg("threads") = 0);
   m.attr("combine_max_inputs") = mkf::kCombineMaxInputs;
   // END select/combine bindings
 }

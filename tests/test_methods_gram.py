@@ -248,3 +248,92 @@ def test_long_vectors_keep_torchs_sums():
     m = methods.get("nuslerp")
     params = {"t": 0.3, "weights": (0.7, 0.3), "row_wise": False, "flatten": True}
     assert torch.equal(m.compute(inputs, params, Context()), m.reference(inputs, params, Context()))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("with_base", [True, False])
+def test_multislerp_native_passes_give_the_references_bits(dtype, with_base, monkeypatch):
+    """compute's native passes between torch's reductions (csrc/gram/multislerp_cpu.cpp) against the
+    reference, bit for bit: odd sizes, vectors longer than the 2^15 elements past which torch's 16-bit
+    sums are not exactly rounded, 2 to 16 models, unnormalised and negative weights, a NaN."""
+    from mergekit_fast import _native
+
+    calls = []
+    module = _native.C
+    real = module.multislerp_pass_cpu
+
+    class Counting:
+        def __getattr__(self, name):
+            return getattr(module, name) if name != "multislerp_pass_cpu" else counting
+
+    def counting(*args, **kw):
+        calls.append(args[1])
+        return real(*args, **kw)
+
+    m = methods.get("multislerp")
+    cases = [((33, 17), (0.6, 0.4), True), (((1 << 16) + 5,), (0.2, 0.5, 0.3), True),
+             ((7, 300), (1.0, -0.3), False), ((64, 96), tuple(0.1 + 0.05 * i for i in range(16)), True)]  # fmt: skip
+    for k, (shape, weights, normalize) in enumerate(cases):
+        xs = _models(len(weights), shape, dtype, seed=20 + k)
+        inputs = xs if with_base else xs[1:]
+        params = {"weights": weights, "normalize_weights": normalize, "eps": 1e-8}
+        monkeypatch.setattr(_native, "C", Counting())
+        got = m.compute([x.clone() for x in inputs], params, Context())
+        monkeypatch.undo()
+        ref = m.reference([x.clone() for x in inputs], params, Context())
+        assert got.dtype == ref.dtype and torch.equal(got, ref), (shape, weights)
+    assert calls.count(4) == len(cases)  # every case took the native passes
+    xs = _models(3, (20, 30), dtype, seed=7)
+    xs[1][2, 3] = float("nan")
+    params = {"weights": (0.5, 0.5), "normalize_weights": True, "eps": 1e-8}
+    got, ref = m.compute(xs, params, Context()), m.reference([x.clone() for x in xs], params, Context())
+    assert torch.equal(got.isnan(), ref.isnan()) and torch.equal(got.nan_to_num(), ref.nan_to_num())
+    out = torch.empty_like(xs[0])
+    assert m.compute(xs, params, Context(), out) is out and torch.equal(out.isnan(), ref.isnan())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("with_base", [True, False])
+def test_nuslerp_long_vectors_native_passes_give_the_references_bits(dtype, with_base, monkeypatch):
+    """Whole tensors longer than 2^15 elements: torch's sums, native passes between them
+    (nuslerp_pass_cpu), the reference's bits; colinear pairs (the lerp), t outside [0, 1], a NaN."""
+    from mergekit_fast import _native
+
+    module, passes = _native.C, []
+
+    class Counting:
+        def __getattr__(self, name):
+            if name != "nuslerp_pass_cpu":
+                return getattr(module, name)
+            return lambda *a: (passes.append(a[1]), module.nuslerp_pass_cpu(*a))[1]
+
+    m = methods.get("nuslerp")
+    xs = _models(2, (300, 257), dtype, seed=31)
+    colinear = [xs[0], xs[1], xs[0] + 2 * (xs[1] - xs[0])]  # task vectors v and 2v
+    for k, (inputs, t) in enumerate([(xs, 0.3), (colinear, 0.5), (xs, 1.4), (xs, -0.2)]):
+        inputs = inputs if with_base else inputs[1:]
+        params = {"t": t, "weights": (1 - t, t), "row_wise": False, "flatten": True}
+        monkeypatch.setattr(_native, "C", Counting())
+        got = m.compute([x.clone() for x in inputs], params, Context())
+        monkeypatch.undo()
+        ref = m.reference([x.clone() for x in inputs], params, Context())
+        assert torch.equal(got, ref), k
+    assert passes.count(2) == 4
+    nan = [x.clone() for x in xs]
+    nan[1][7, 9] = float("nan")
+    params = {"t": 0.3, "weights": (0.7, 0.3), "row_wise": False, "flatten": True}
+    got, ref = m.compute(nan, params, Context()), m.reference([x.clone() for x in nan], params, Context())
+    assert torch.equal(got.isnan(), ref.isnan()) and torch.equal(got.nan_to_num(), ref.nan_to_num())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("count", [2, 4, 5])
+def test_model_stock_long_rows_native_terms_give_the_references_bits(dtype, count):
+    """Rows longer than 2^15 elements (and every fp32/fp64 row): torch's norms and sums over the task
+    vectors and products one native pass writes (model_stock_terms_cpu, up to 4 models; 5 take torch's
+    own ops), the reference's bits."""
+    m = methods.get("model_stock")
+    inputs = _models(count, (3, 40000), dtype, seed=40 + count)
+    for fw in (False, True):
+        got = m.compute([x.clone() for x in inputs], {"filter_wise": fw}, Context())
+        assert torch.equal(got, m.reference([x.clone() for x in inputs], {"filter_wise": fw}, Context())), fw

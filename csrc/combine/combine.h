@@ -29,7 +29,20 @@ constexpr int kCombineMaxInputs = 8;
   /* linear: out = (sum_i w_i x_i) [/ sum_i w_i], in fp32 (fp64 for fp64), as mergekit's */       \
   /* addcmul loop; weights rounded to fp32. Returns 1 when every output element is finite. */      \
   int linear_cpu(int dtype, int64_t n, int64_t count, const uint64_t* xs, void* out,            \
-                 const double* weights, int normalize, int threads)
+                 const double* weights, int normalize, int threads);                               \
+  /* The pointwise methods (combine/pointwise_cpu.cpp, math in common/pointwise_math.h), in */     \
+  /* the input dtype as their torch references; each returns 1 when every output is finite. */    \
+  /* nearswap: base and one model. */                                                           \
+  int nearswap_cpu(int dtype, int64_t n, const void* base, const void* x, void* out, double t,   \
+                   int threads);                                                                 \
+  /* ram: base and m models (xs, 1 <= m <= kCombineMaxInputs). */                                \
+  int ram_cpu(int dtype, int64_t n, int64_t m, const void* base, const uint64_t* xs, void* out,  \
+              double epsilon, int threads);                                                      \
+  /* ramplus_tl: as ram, a first pass for the per-model counts; its fp32 result (fp64 for fp64) */ \
+  /* stored in out_dtype: the input dtype, or fp32 for 16-bit inputs. */                          \
+  int ramplus_tl_cpu(int dtype, int out_dtype, int64_t n, int64_t m, const void* base,           \
+                     const uint64_t* xs, void* out, double r, double alpha, double epsilon,       \
+                     int threads)
 MKF_COMBINE_CPU_API;
 MKF_DECLARE_PER_ISA(MKF_COMBINE_CPU_API)
 

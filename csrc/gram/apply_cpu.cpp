@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "common/dtype.h"
@@ -175,7 +176,121 @@ int64_t nuslerp_rows(const uint64_t* ptrs, int64_t numel, int64_t row_len, doubl
   return bad.load();
 }
 
+// model_stock's terms for torch's sums (gram/gram.h, model_stock_terms_cpu): one read of the inputs.
+template <typename F>
+void stock_terms(int n, int64_t numel, const uint64_t* p, int threads) {
+  using S = typename F::S;
+  using C = typename F::C;
+  const S* b = reinterpret_cast<const S*>(p[n]);
+  const int64_t nc = (numel + kChunk - 1) / kChunk;
+  parallel_for(nc, numel >= kParallelMin ? threads : 1, [&](int64_t c0, int64_t c1) {
+    C d[kSub * kGramMaxInputs];  // this sub-block's deltas, model by model
+    for (int64_t lo = c0 * kChunk, end = std::min(numel, c1 * kChunk); lo < end; lo += kSub) {
+      const int64_t len = std::min(kSub, end - lo);
+      for (int q = 0; q < n; ++q) {
+        const S* x = reinterpret_cast<const S*>(p[q]) + lo;
+        S* out = reinterpret_cast<S*>(p[n + 1 + q]) + lo;
+        C* dq = d + q * kSub;
+        for (int64_t j = 0; j < len; ++j) {
+          dq[j] = F::round(F::load(x[j]) - F::load(b[lo + j]));
+          out[j] = F::store(dq[j]);
+        }
+      }
+      int slot = 2 * n + 1;
+      for (int q = 0; q < n; ++q) {
+        for (int r = q + 1; r < n; ++r, ++slot) {
+          S* out = reinterpret_cast<S*>(p[slot]) + lo;
+          const C *dq = d + q * kSub, *dr = d + r * kSub;
+          for (int64_t j = 0; j < len; ++j) out[j] = F::store(dq[j] * dr[j]);
+        }
+      }
+    }
+  });
+}
+
+// nuslerp of one long vector pair between torch's reductions (gram/gram.h, nuslerp_pass_cpu).
+template <typename F>
+int64_t nuslerp_pass(int pass, int64_t numel, const uint64_t* p, const double* s, int threads) {
+  using S = typename F::S;
+  using C = typename F::C;
+  const int64_t nc = (numel + kChunk - 1) / kChunk;
+  const int par = numel >= kParallelMin ? threads : 1;
+  std::atomic<int64_t> bad{0};
+  auto in = [&](int i) { return reinterpret_cast<const S*>(p[i]); };
+  auto io = [&](int i) { return reinterpret_cast<S*>(p[i]); };
+  parallel_for(nc, par, [&](int64_t c0, int64_t c1) {
+    const int64_t lo = c0 * kChunk, hi = std::min(numel, c1 * kChunk);
+    if (pass == 0) {  // x_0, x_1, base -> v_0, v_1: R(x_i - base)
+      const S *x0 = in(0), *x1 = in(1), *b = in(2);
+      S *v0 = io(3), *v1 = io(4);
+      for (int64_t i = lo; i < hi; ++i) {
+        const C bv = F::load(b[i]);
+        v0[i] = F::store(F::load(x0[i]) - bv);
+        v1[i] = F::store(F::load(x1[i]) - bv);
+      }
+    } else if (pass == 1) {  // v_0, v_1 -> R(R(v_0 / n_0) R(v_1 / n_1)), the dot's terms
+      const S *v0 = in(0), *v1 = in(1);
+      S* out = io(2);
+      const C n0 = static_cast<C>(s[0]), n1 = static_cast<C>(s[1]);
+      for (int64_t i = lo; i < hi; ++i)
+        out[i] = F::store(F::round(F::load(v0[i]) / n0) * F::round(F::load(v1[i]) / n1));
+    } else {  // v_0, v_1, base (or 0) -> out: the interpolation from torch's coefficients, plus the base
+      const S *v0 = in(0), *v1 = in(1), *b = in(2);
+      S* out = io(3);
+      NuslerpCoeffs<F> k;  // the terms of nuslerp_elem (common/method_math.h), from torch's values
+      k.colinear = s[0] != 0.0;
+      k.s0 = static_cast<C>(s[1]), k.s1 = static_cast<C>(s[2]), k.st = static_cast<C>(s[3]);
+      k.l0 = static_cast<C>(s[4]), k.l1 = static_cast<C>(s[5]);
+      // one loop per (colinear, base) case: each a branch-free loop the compiler vectorises
+      auto body = [&](auto colinear, auto with_base) {
+        int64_t local = 0;
+        for (int64_t i = lo; i < hi; ++i) {
+          const C x0 = F::load(v0[i]), x1 = F::load(v1[i]);
+          C r = colinear ? F::round(F::round(k.l0 * x0) + F::round(k.l1 * x1))
+                         : F::round(F::round(F::round(k.s0 * x0) + F::round(k.s1 * x1)) / k.st);
+          if constexpr (decltype(with_base)::value) r = F::round(F::load(b[i]) + r);
+          out[i] = F::store(r);
+          local += !(r - r == C(0));
+        }
+        return local;
+      };
+      using Yes = std::true_type;
+      using No = std::false_type;
+      bad += k.colinear ? (b ? body(Yes{}, Yes{}) : body(Yes{}, No{})) : (b ? body(No{}, Yes{}) : body(No{}, No{}));
+    }
+  });
+  return bad.load();
+}
+
 }  // namespace
+
+void model_stock_terms_cpu(int dtype, int64_t n_models, int64_t numel, const uint64_t* ptrs, int threads) {
+  if (n_models < 2 || n_models > kGramMaxInputs)
+    throw std::invalid_argument("model_stock_terms: 2 to " + std::to_string(kGramMaxInputs) + " models, got " +
+                                std::to_string(n_models));
+  if (numel <= 0) return;
+  threads = default_threads(threads);
+  const int n = static_cast<int>(n_models);
+  switch (dtype) {
+    case kF32: stock_terms<FmtF32>(n, numel, ptrs, threads); break;
+    case kF16: stock_terms<FmtF16>(n, numel, ptrs, threads); break;
+    case kBF16: stock_terms<FmtBF16>(n, numel, ptrs, threads); break;
+    case kF64: stock_terms<FmtF64>(n, numel, ptrs, threads); break;
+    default: throw std::invalid_argument("model_stock_terms: unsupported dtype tag " + std::to_string(dtype));
+  }
+}
+
+int64_t nuslerp_pass_cpu(int dtype, int pass, int64_t numel, const uint64_t* ptrs, const double* scalars,
+                         int threads) {
+  if (pass < 0 || pass > 2) throw std::invalid_argument("nuslerp_pass_cpu: no pass " + std::to_string(pass));
+  if (numel <= 0) return 0;
+  threads = default_threads(threads);
+  switch (dtype) {
+    case kBF16: return nuslerp_pass<FmtBF16>(pass, numel, ptrs, scalars, threads);
+    case kF16: return nuslerp_pass<FmtF16>(pass, numel, ptrs, scalars, threads);
+    default: throw std::invalid_argument("nuslerp_pass_cpu: bf16 or fp16 only, got dtype tag " + std::to_string(dtype));
+  }
+}
 
 int64_t nuslerp_cpu(int dtype, const uint64_t* ptrs, int64_t numel, int64_t row_len, double t, int threads) {
   if (row_len > 0 && numel % row_len != 0)
@@ -249,6 +364,15 @@ int64_t model_stock_cpu(int dtype, int64_t n_models, const uint64_t* ptrs, int64
 
 int64_t nuslerp_cpu(int dtype, const uint64_t* ptrs, int64_t numel, int64_t row_len, double t, int threads) {
   MKF_CPU_DISPATCH(nuslerp_cpu, dtype, ptrs, numel, row_len, t, threads);
+}
+
+void model_stock_terms_cpu(int dtype, int64_t n_models, int64_t numel, const uint64_t* ptrs, int threads) {
+  MKF_CPU_DISPATCH(model_stock_terms_cpu, dtype, n_models, numel, ptrs, threads);
+}
+
+int64_t nuslerp_pass_cpu(int dtype, int pass, int64_t numel, const uint64_t* ptrs, const double* scalars,
+                         int threads) {
+  MKF_CPU_DISPATCH(nuslerp_pass_cpu, dtype, pass, numel, ptrs, scalars, threads);
 }
 
 }  // namespace mkf

@@ -68,7 +68,23 @@ namespace mkf {
   int64_t model_stock_cpu(int dtype, int64_t n_models, const uint64_t* ptrs, int64_t numel,     \
                           int64_t row_len, int threads);                                         \
   int64_t nuslerp_cpu(int dtype, const uint64_t* ptrs, int64_t numel, int64_t row_len, double t, \
-                      int threads)
+                      int threads);                                                              \
+  /* multislerp's elementwise passes between torch's reductions (csrc/gram/multislerp_cpu.cpp */ \
+  /* lists them and their pointer and scalar tables); 16-bit dtypes, n <= 16 models; pass 4 */   \
+  /* returns how many output elements are not finite. */                                        \
+  int64_t multislerp_pass_cpu(int dtype, int pass, int64_t n, int64_t numel, const uint64_t* ptrs, \
+                              const double* scalars, int threads);                             \
+  /* nuslerp of one long vector pair between torch's reductions, 16-bit dtypes: pass 0 the */    \
+  /* deltas (ptrs x_0, x_1, base, v_0, v_1), 1 the dot's terms R(R(v_0/n_0) R(v_1/n_1)) (ptrs */ \
+  /* v_0, v_1, out; scalars n_0, n_1), 2 the interpolation plus the base (ptrs v_0, v_1, base */  \
+  /* or 0, out; scalars colinear, s_0, s_1, sin theta, 1 - t, t); pass 2 returns how many */      \
+  /* outputs are not finite. */                                                                 \
+  int64_t nuslerp_pass_cpu(int dtype, int pass, int64_t numel, const uint64_t* ptrs,            \
+                           const double* scalars, int threads);                                 \
+  /* model_stock's terms of torch's sums for long rows: ptrs the n models, the base, then n */    \
+  /* outputs d_i = R(x_i - base) and n(n-1)/2 outputs R(d_i d_j) (i < j, row-major pairs). */     \
+  void model_stock_terms_cpu(int dtype, int64_t n_models, int64_t numel, const uint64_t* ptrs,  \
+                             int threads)
 MKF_GRAM_APPLY_CPU_API;
 MKF_DECLARE_PER_ISA(MKF_GRAM_APPLY_CPU_API)
 

@@ -165,7 +165,7 @@ def _runs_natively(t, plan: MergePlan, writers: dict[str, ShardWriter]) -> bool:
         return False
     if any(r.rows is not None for r in t.inputs):
         return False  # re-indexed rows (a vocabulary) are gathered by the torch path
-    if t.in_dtype.native is None or t.out_dtype != t.in_dtype or not writers[t.name].mappable:
+    if t.in_dtype.native is None or not method.native_writes(t) or not writers[t.name].mappable:
         return False
     for r in t.inputs:
         src = plan.sources[r.model]

@@ -215,7 +215,7 @@ class CpuNative(Strategy):
     def compute(self, job: Job) -> None:
         run = self.run
         ts = job.tensors
-        job.reserved = sum(math.prod(t.shape) * t.in_dtype.itemsize for t in ts)
+        job.reserved = sum(math.prod(t.shape) * t.out_dtype.itemsize for t in ts)
         run.out_pool.reserve(job.reserved)  # pages in flight until the writer drops them
         self.run_kernels(job)
         run.release_inputs(job)
@@ -223,7 +223,7 @@ class CpuNative(Strategy):
     def first_bytes(self, job: Job, i: int) -> bytes:
         """The bytes of output tensor i's first element (b"" when it is empty)."""
         t = job.tensors[i]
-        return self.run.writers[t.name].peek(t.name, t.in_dtype.itemsize)
+        return self.run.writers[t.name].peek(t.name, t.out_dtype.itemsize)
 
     def run_kernels(self, job: Job) -> None:
         """The method's native kernel on the job's addresses, one call per input dtype, and the
@@ -242,7 +242,7 @@ class CpuNative(Strategy):
                 flags = []
                 for i, t in zip(idx, group):
                     first = self.first_bytes(job, i)
-                    flags.append(not first or t.in_dtype.first_is_finite(first))
+                    flags.append(not first or t.out_dtype.first_is_finite(first))
             run.finite_flags.extend((t.name, bool(ok)) for t, ok in zip(group, flags))
 
     def write(self, job: Job) -> None:
@@ -275,7 +275,7 @@ class CpuDirect(CpuNative):
         for t in job.tensors:
             lead = run.writers[t.name].lead(t.name)
             places.append(size + lead)
-            size += direct.up(lead + math.prod(t.shape) * t.in_dtype.itemsize)
+            size += direct.up(lead + math.prod(t.shape) * t.out_dtype.itemsize)
         out = run.out_pool.acquire(size)
         job.out_bufs.append(out)
         base = kernel.buffer_address(out)
@@ -298,7 +298,7 @@ class CpuDirect(CpuNative):
     def first_bytes(self, job: Job, i: int) -> bytes:
         t = job.tensors[i]
         at = job.placed[i]
-        return bytes(job.out_bufs[0][at : at + t.in_dtype.itemsize]) if math.prod(t.shape) else b""
+        return bytes(job.out_bufs[0][at : at + t.out_dtype.itemsize]) if math.prod(t.shape) else b""
 
     def _release_inputs(self, job: Job) -> None:
         for pool, buf in job.direct_bufs:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from mergekit_fast.methods._common import abs_sum, base_only
+from mergekit_fast.methods._common import Pointwise, abs_sum, base_only
 from mergekit_fast.methods.base import BasePolicy, Contract, MergeMethod, Planned
 
 
@@ -38,8 +38,27 @@ def contributions(base, models, epsilon: float) -> Contributions:
     return Contributions(deltas, changed, count, count > 1, count == 1)
 
 
-class RamFamily(MergeMethod):
-    """The base required, any number of other models; shared float parameters only."""
+class RamFamily(Pointwise, MergeMethod):
+    """The base required, any number of other models; shared float parameters only. On the CPU, with up
+    to 8 models besides the base, a native kernel (csrc/combine/pointwise_cpu.cpp) gives the reference's
+    bits in one pass over the inputs (ramplus_tl: two, the first for its per-model counts). The sum over
+    the models adds them one by one from +0 in fp32, as torch's sum over dim 0 of a 16-bit tensor does
+    (for up to 16 rows). For an fp32 or fp64 tensor whose row length is not a multiple of the vector
+    loop's, torch adds the last columns' rows in interleaved accumulators instead, which agrees with
+    the sequential sum only up to 4 rows. So ram's 16-bit inputs take the kernel up to 8 models, fp32
+    and fp64 sums (ram's fp32 and fp64 inputs, and every ramplus_tl sum, its lambda being an fp32
+    tensor) up to 4; more go through the reference."""
+
+    fp32_sum: ClassVar[bool] = False  # the sum over the models is an fp32 one for 16-bit inputs too
+
+    def model_limit(self, dtype_name: str) -> int:
+        if self.fp32_sum or dtype_name in ("float32", "float64"):
+            return 4
+        return 8
+
+    def kernel_args(self, params):
+        defaults = {p.name: p.default for p in self.params}
+        return tuple(float(params.get(n, defaults[n])) for n in self.float_params)
 
     contract = Contract(BasePolicy.REQUIRED, 1, None)
     float_params: ClassVar[tuple[str, ...]] = ()

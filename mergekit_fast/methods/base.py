@@ -344,6 +344,11 @@ class MergeMethod:
         """Whether ``native_cpu`` serves this planned tensor (dtype and parameters). Default: when it exists."""
         return self.native_cpu is not None
 
+    def native_writes(self, tensor) -> bool:
+        """Whether ``native_cpu`` writes this planned tensor's out_dtype (its kernel stores the result in
+        ``tensor.out_dtype``). Default: only the input dtype."""
+        return tensor.out_dtype == tensor.in_dtype
+
     # -- streaming: a tensor larger than the memory budget, in chunks (optional)
     # 0: never streamed (the whole tensor in memory); 1: one pass (the method is elementwise); 2: a reduce
     # pass over every chunk (norms, dot products, histograms), then an apply pass writing chunk by chunk.

@@ -47,6 +47,31 @@ def _torch_stats(base, models):
     return norms, dots
 
 
+_TERMS_MAX_MODELS = 4  # _native_terms holds every delta and pairwise product at once: n + n(n-1)/2 tensors
+
+
+def _native_terms(base, models, threads: int):
+    """_torch_stats with its elementwise ops native: the task vectors and their pairwise products in one
+    pass over the inputs (csrc/gram/apply_cpu.cpp, model_stock_terms_cpu: the same values torch's ops
+    give), then torch's norms and sums over them (the same tensors the reference reduces)."""
+    from array import array
+
+    import torch
+
+    from mergekit_fast import _native
+
+    n = len(models)
+    deltas = [torch.empty(base.shape, dtype=base.dtype) for _ in range(n)]
+    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+    products = [torch.empty(base.shape, dtype=base.dtype) for _ in pairs]
+    ptrs = array("Q", [x.data_ptr() for x in (*models, base, *deltas, *products)])
+    _native.C.model_stock_terms_cpu(
+        _native.dtype_tag(base.dtype), n, base.numel(), ptrs.buffer_info()[0], threads
+    )
+    norms = [torch.norm(d, dim=-1) for d in deltas]
+    return norms, {pair: p.sum(dim=-1) for pair, p in zip(pairs, products)}
+
+
 def _t_of(norms, dots, n):
     """mergekit's t from the norms and dot products (tensors of the input dtype), with a trailing
     dimension of 1 to broadcast over the elements."""
@@ -101,8 +126,10 @@ class ModelStock(MergeMethod):
         at most GRAM_MAX_SUM elements take their norms and dot products from the gram op (fp64 sums of
         exactly the terms torch adds, rounded as torch rounds its fp32 sums: the same values but where
         torch's own fp32 rounding error crosses a rounding boundary of the dtype); longer rows, fp32 and
-        fp64 from torch, whose order of additions no other sum reproduces. t * mean + (1 - t) * base
-        then runs natively, op by op in the dtype as torch does: the same bits."""
+        fp64 from torch, whose order of additions no other sum reproduces (over the task vectors and
+        products one native pass writes, _native_terms). t * mean + (1 - t) * base then runs natively,
+        op by op in the dtype as torch does: the same bits."""
+        from mergekit_fast import _native
         from mergekit_fast.ops import gram as g
 
         base, models = inputs[0], list(inputs[1:])
@@ -119,7 +146,11 @@ class ModelStock(MergeMethod):
             dots = {(i, j): G[..., i, j].to(base.dtype) for i in range(k) for j in range(i + 1, k)}
         else:
             b = base.reshape(-1, row_len) if rows else base.reshape(-1)
-            norms, dots = _torch_stats(b, [x.reshape(b.shape) for x in models])
+            ms = [x.reshape(b.shape) for x in models]
+            if len(models) <= _TERMS_MAX_MODELS and hasattr(_native.C, "model_stock_terms_cpu"):
+                norms, dots = _native_terms(b, ms, ctx.threads)
+            else:
+                norms, dots = _torch_stats(b, ms)
         t = _t_of(norms, dots, len(models))
         if out is not None and not (
             out.is_contiguous() and out.dtype == base.dtype and out.shape == base.shape

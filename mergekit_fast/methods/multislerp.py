@@ -17,6 +17,8 @@ from __future__ import annotations
 from mergekit_fast.methods._common import abs_sum
 from mergekit_fast.methods.base import BasePolicy, Context, Contract, MergeMethod, Param, Planned, Scope
 
+_NATIVE_MAX_MODELS = 16  # csrc/gram/multislerp_cpu.cpp: torch's order of a sum over dim 0 up to 16 rows
+
 
 class MultiSlerpError(ValueError):
     """The weighted mean of the unit vectors vanishes (antipodal models with balancing weights)."""
@@ -31,7 +33,7 @@ class MultiSlerp(MergeMethod):
         Param("eps", float, Scope.SHARED, 1e-8, doc="added to the norms"),
     )
     contract = Contract(BasePolicy.OPTIONAL, 1, None, min_non_base=1)
-    # CPU: compute is the reference (0 ulp). On another device the input-dtype norms, dot products and
+    # CPU: compute gives the reference's bits (0 ulp). On another device the input-dtype norms, dot products and
     # weighted sums round differently; each moves the result by about an ulp of the input dtype.
     tolerance = {"bfloat16": 2.0, "float16": 2.0, "float32": 8.0, "float64": 8.0}
 
@@ -84,6 +86,68 @@ class MultiSlerp(MergeMethod):
         out = mean * torch.cos(length) + step * (torch.sin(length) / length)
         out = (out * (norms.squeeze(-1) * w).sum()).view(v.shape[1:])
         return out if base is None else out + base
+
+    def compute(self, inputs, params, ctx: Context, out=None):
+        """16-bit CPU tensors: the reference's ops with its elementwise steps in five native passes
+        (csrc/gram/multislerp_cpu.cpp: the deltas, the units and their weighted mean, the products with
+        the normalised mean, the tangent step, the exponential map plus the base), each op rounded to the
+        dtype as torch rounds it, and its reductions -- the norms and the dot products -- still torch's,
+        on the very [n, numel] and [numel] tensors the reference reduces: mergekit's bits. torch stays
+        because its sums of long 16-bit vectors are not the exactly rounded sums (methods/nuslerp.py:
+        a sum an ulp off moves every element). Anything else, and the rare vanishing mean: the
+        reference."""
+        from mergekit_fast import _native
+        from mergekit_fast.ops.gram import native_ready
+
+        weights = params["weights"]
+        n = len(weights)
+        if (not 2 <= n <= _NATIVE_MAX_MODELS or inputs[0].itemsize != 2 or not native_ready(inputs, ctx.backend)
+                or not hasattr(_native.C, "multislerp_pass_cpu")):  # fmt: skip
+            return super().compute(inputs, params, ctx, out)
+        from array import array
+
+        import torch
+
+        eps = params.get("eps", 1e-8)
+        base = inputs[0] if len(inputs) == n + 1 else None
+        models = inputs[-n:]
+        x0 = models[0]
+        numel, dtype = x0.numel(), x0.dtype
+        tag = _native.dtype_tag(dtype)
+
+        def native(step: int, tensors, scalars=(0.0,)) -> int:
+            ptrs = array("Q", [0 if t is None else t.data_ptr() for t in tensors])
+            vals = array("d", [float(x) for x in scalars])
+            return _native.C.multislerp_pass_cpu(tag, step, n, numel, ptrs.buffer_info()[0], vals.buffer_info()[0],
+                                                 ctx.threads)  # fmt: skip
+
+        v = torch.empty((n, numel), dtype=dtype)
+        native(0, [*models, base, v])  # v = stack(models) - base
+        w = torch.tensor(weights, dtype=dtype)
+        if params.get("normalize_weights", True):
+            w = w / w.sum()
+        norms = torch.norm(v, dim=-1, keepdim=True)
+        # fresh pages cost a fault each (a third of this method's time): every buffer serves twice
+        units, mean = v, torch.empty(numel, dtype=dtype)  # the units in place of the deltas
+        native(
+            1, [v, units, mean], [*(norms + eps).view(-1).tolist(), *w.tolist()]
+        )  # units; (units * w).sum(0)
+        mean_norm = torch.norm(mean)
+        if mean_norm < eps:
+            return super().compute(inputs, params, ctx, out)
+        products = torch.empty_like(units)
+        native(2, [units, mean, products], [mean_norm.item()])  # mean /= |mean|; units * mean
+        dots = products.sum(-1, keepdim=True)
+        step = products[0]  # the products are summed: their first row takes the step
+        native(3, [units, mean, step], [*dots.view(-1).tolist(), *w.tolist()])  # the tangents' weighted sum
+        length = torch.norm(step) + eps
+        factors = (torch.cos(length), torch.sin(length) / length, (norms.squeeze(-1) * w).sum())
+        usable = out is not None and out.is_contiguous() and out.dtype == dtype
+        result = out if usable else torch.empty_like(x0)
+        native(4, [mean, step, base, result], [f.item() for f in factors])
+        if out is not None and result is not out:
+            return out.copy_(result)
+        return result
 
     def verify_scale(self, inputs, params):
         return abs_sum(inputs)

@@ -10,7 +10,7 @@ has is copied from the base.
 
 from __future__ import annotations
 
-from mergekit_fast.methods._common import abs_sum
+from mergekit_fast.methods._common import Pointwise, abs_sum
 from mergekit_fast.methods.base import (
     BasePolicy,
     Context,
@@ -23,7 +23,7 @@ from mergekit_fast.methods.base import (
 )
 
 
-class NearSwap(MergeMethod):
+class NearSwap(Pointwise, MergeMethod):
     name = "nearswap"
     description = "per element w = clamp(t / |base - x|, 0, 1); w x + (1 - w) base"
     params = (Param("t", float, Scope.SHARED, doc="distance below which the other model's value is taken"),)
@@ -31,6 +31,11 @@ class NearSwap(MergeMethod):
     optional_policy = OptionalPolicy.PASSTHROUGH_BASE_SINGLETON
     # elementwise: CPU and GPU round the same operations the same way
     tolerance = {"bfloat16": 1.0, "float16": 1.0, "float32": 2.0, "float64": 2.0}
+    kernel = "nearswap_cpu"  # on the CPU: csrc/combine/pointwise_cpu.cpp, the reference's bits
+    one_model = True
+
+    def kernel_args(self, params):
+        return (float(params["t"]),)
 
     def plan(self, group):
         planned = super().plan(group)

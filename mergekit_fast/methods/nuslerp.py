@@ -63,7 +63,8 @@ def nuslerp(t: float, v0, v1, *, row_wise: bool = False, flatten: bool = True):
 # The native kernel's sums are exact (fp64). torch's sum of a bf16 tensor (the dot's
 # `torch.sum(u0 * u1)`) is not the fp32 sum of its terms rounded once beyond 2^15 elements (measured:
 # about a quarter of the sums of 2^16 to 2^19 terms round to the neighbouring bf16 value), and a dot an
-# ulp off moves every element: longer vectors go through the reference, which reproduces mergekit's bits.
+# ulp off moves every element: longer vectors take torch's sums (Nuslerp._between_torch_sums), which
+# reproduces mergekit's bits.
 _NATIVE_MAX_VECTOR = 1 << 15
 
 
@@ -134,13 +135,21 @@ class Nuslerp(MergeMethod):
     def compute(self, inputs, params, ctx: Context, out=None):
         """16-bit CPU tensors: the native kernel (nuslerp_cpu: the norms from the gram op, the dot of
         the normalised vectors, the interpolation, each a pass, op by op in the dtype as torch computes
-        them); anything else: the reference."""
+        them) for vectors up to _NATIVE_MAX_VECTOR elements; a longer whole tensor, native passes
+        between torch's sums (_between_torch_sums); anything else (columns): the reference."""
         from mergekit_fast import _native
         from mergekit_fast.ops.gram import native_ready
 
         row_len = _native_rows(inputs[0].shape, params)
-        if (row_len is None or inputs[0].itemsize != 2 or not native_ready(inputs, ctx.backend)
-                or not hasattr(_native.C, "nuslerp_cpu")):  # fmt: skip
+        if (
+            inputs[0].itemsize != 2
+            or not native_ready(inputs, ctx.backend)
+            or not hasattr(_native.C, "nuslerp_cpu")
+        ):
+            return super().compute(inputs, params, ctx, out)
+        if row_len is None:
+            if params.get("flatten", True) and inputs[0].dim() > 0:
+                return self._between_torch_sums(inputs, params, ctx, out)
             return super().compute(inputs, params, ctx, out)
         import torch
 
@@ -149,6 +158,53 @@ class Nuslerp(MergeMethod):
         ptrs = [x.data_ptr() for x in inputs]
         _run_native(
             inputs[0].dtype, ptrs, result.data_ptr(), inputs[0].numel(), row_len, params["t"], ctx.threads
+        )
+        if out is not None and result is not out:
+            return out.copy_(result)
+        return result
+
+    @staticmethod
+    def _between_torch_sums(inputs, params, ctx: Context, out=None):
+        """A whole 16-bit tensor longer than _NATIVE_MAX_VECTOR: the reference's norms and dot product
+        are torch's, on the very vectors it reduces; the elementwise steps between them are three native
+        passes (csrc/gram/apply_cpu.cpp, nuslerp_pass_cpu: the task vectors, the dot's terms, the
+        interpolation plus the base) and the coefficients torch's ops on one-element tensors, as in the
+        reference: mergekit's bits, without the reference's dozen full-size temporaries."""
+        from array import array
+
+        import torch
+
+        from mergekit_fast import _native
+
+        t = params["t"]
+        base = inputs[0] if len(inputs) == 3 else None
+        x0, x1 = inputs[-2:]
+        numel, dtype = x0.numel(), x0.dtype
+        tag = _native.dtype_tag(dtype)
+
+        def native(step: int, tensors, scalars=(0.0,)) -> int:
+            ptrs = array("Q", [0 if x is None else x.data_ptr() for x in tensors])
+            vals = array("d", [float(x) for x in scalars])
+            return _native.C.nuslerp_pass_cpu(tag, step, numel, ptrs.buffer_info()[0], vals.buffer_info()[0],
+                                              ctx.threads)  # fmt: skip
+
+        if base is not None:
+            v0, v1 = torch.empty(numel, dtype=dtype), torch.empty(numel, dtype=dtype)
+            native(0, [x0, x1, base, v0, v1])  # x_i - base
+        else:
+            v0, v1 = x0.reshape(-1), x1.reshape(-1)
+        n0 = torch.norm(v0, dim=-1, keepdim=True).clamp(min=_NORM_EPS)
+        n1 = torch.norm(v1, dim=-1, keepdim=True).clamp(min=_NORM_EPS)
+        terms = torch.empty(numel, dtype=dtype)
+        native(1, [v0, v1, terms], [n0.item(), n1.item()])  # u0 * u1
+        cos = torch.sum(terms, dim=-1, keepdim=True).clamp(-1, 1)
+        colinear = (1 - cos.square()) <= _COLINEAR_EPS**2
+        theta = torch.acos(torch.where(colinear, 0, cos))
+        sines = (torch.sin((1 - t) * theta), torch.sin(t * theta), torch.sin(theta))
+        usable = out is not None and out.is_contiguous() and out.dtype == dtype
+        result = out if usable else torch.empty_like(x0)
+        native(
+            2, [v0, v1, base, result], [float(bool(colinear.item())), *(s.item() for s in sines), 1 - t, t]
         )
         if out is not None and result is not out:
             return out.copy_(result)

@@ -17,7 +17,8 @@ class Ram(RamFamily):
     description = "base + per element: the only changing model's delta, or the mean of the changing ones"
     params = (Param("epsilon", float, Scope.SHARED, 1e-5, doc="a delta counts where |delta| > epsilon"),)
     float_params = ("epsilon",)
-    # CPU: compute is the reference (0 ulp). Elementwise apart from the sum over the models, which a
+    kernel = "ram_cpu"
+    # CPU: compute gives the reference's bits (0 ulp). Elementwise apart from the sum over the models, which a
     # GPU may round differently in the input dtype.
     tolerance = {"bfloat16": 1.0, "float16": 1.0, "float32": 2.0, "float64": 2.0}
 

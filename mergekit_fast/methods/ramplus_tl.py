@@ -26,7 +26,10 @@ class RamPlusTL(RamFamily):
         Param("epsilon", float, Scope.SHARED, 1e-5, doc="a delta counts where |delta| > epsilon"),
     )
     float_params = ("r", "alpha", "epsilon")
-    # CPU: compute is the reference (0 ulp). The fp32 rescaled sum over the models may round
+    kernel = "ramplus_tl_cpu"
+    fp32_sum = True
+    promotes = True  # the kernel writes the fp32 result, or rounds it to the input dtype (out_dtype)
+    # CPU: compute gives the reference's bits (0 ulp). The fp32 rescaled sum over the models may round
     # differently on a GPU.
     tolerance = {"bfloat16": 1.0, "float16": 1.0, "float32": 2.0, "float64": 2.0}
 
