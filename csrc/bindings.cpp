@@ -205,6 +205,15 @@ PYBIND11_MODULE(_C, m) {
       py::arg("dtype"), py::arg("pass_"), py::arg("n"), py::arg("numel"), py::arg("ptrs"),
       py::arg("scalars"), py::arg("threads") = 0);
   m.def(
+      "karcher_pass_cpu",
+      [](int dtype, int pass, int64_t n, int64_t numel, uintptr_t ptrs, uintptr_t scalars, int threads) {
+        py::gil_scoped_release nogil;
+        return mkf::karcher_pass_cpu(dtype, pass, n, numel, ptr<const uint64_t>(ptrs), ptr<const double>(scalars),
+                                     threads);
+      },
+      py::arg("dtype"), py::arg("pass_"), py::arg("n"), py::arg("numel"), py::arg("ptrs"), py::arg("scalars"),
+      py::arg("threads") = 0);
+  m.def(
       "nuslerp_pass_cpu",
       [](int dtype, int pass, int64_t numel, uintptr_t ptrs, uintptr_t scalars, int threads) {
         py::gil_scoped_release nogil;

@@ -253,7 +253,7 @@ def test_long_vectors_keep_torchs_sums():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("with_base", [True, False])
 def test_multislerp_native_passes_give_the_references_bits(dtype, with_base, monkeypatch):
-    """compute's native passes between torch's reductions (csrc/gram/multislerp_cpu.cpp) against the
+    """compute's native passes between torch's reductions (csrc/gram/sphere_cpu.cpp) against the
     reference, bit for bit: odd sizes, vectors longer than the 2^15 elements past which torch's 16-bit
     sums are not exactly rounded, 2 to 16 models, unnormalised and negative weights, a NaN."""
     from mergekit_fast import _native
@@ -337,3 +337,20 @@ def test_model_stock_long_rows_native_terms_give_the_references_bits(dtype, coun
     for fw in (False, True):
         got = m.compute([x.clone() for x in inputs], {"filter_wise": fw}, Context())
         assert torch.equal(got, m.reference([x.clone() for x in inputs], {"filter_wise": fw}, Context())), fw
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_karcher_native_passes_give_the_same_bits(dtype):
+    """karcher_mean_native (the elementwise steps native) against karcher_mean with the same sums, bit
+    for bit: the iteration's branches (skipped inputs, early stops, a zero input) taken the same way."""
+    from mergekit_fast.methods.karcher import _GramSums, karcher_mean, karcher_mean_native
+
+    x = _models(3, (50,), dtype, seed=9)
+    cases = [(_models(2, (64, 96), dtype, seed=1)[1:], 10, 1e-5), (_models(3, (33, 17), dtype, seed=2)[1:], 3, 1e-5),
+             (_models(4, (300,), dtype, seed=3)[1:], 10, 1e-3), ([x[0], torch.zeros_like(x[0]), x[1]], 10, 1e-5),
+             ([x[0], x[0].clone()], 10, 1e-5), (_models(2, ((1 << 16) + 9,), dtype, seed=4)[1:], 10, 1e-6)]  # fmt: skip
+    for k, (xs, max_iter, tol) in enumerate(cases):
+        w = [1.0 / len(xs)] * len(xs)
+        want = karcher_mean([t.clone() for t in xs], w, max_iter, tol, _GramSums())
+        got = karcher_mean_native([t.clone() for t in xs], w, max_iter, tol, _GramSums(), threads=2)
+        assert torch.equal(got, want), k

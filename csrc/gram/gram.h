@@ -69,11 +69,13 @@ namespace mkf {
                           int64_t row_len, int threads);                                         \
   int64_t nuslerp_cpu(int dtype, const uint64_t* ptrs, int64_t numel, int64_t row_len, double t, \
                       int threads);                                                              \
-  /* multislerp's elementwise passes between torch's reductions (csrc/gram/multislerp_cpu.cpp */ \
-  /* lists them and their pointer and scalar tables); 16-bit dtypes, n <= 16 models; pass 4 */   \
-  /* returns how many output elements are not finite. */                                        \
+  /* multislerp's and karcher's elementwise passes between torch's reductions */                \
+  /* (csrc/gram/sphere_cpu.cpp lists them and their pointer and scalar tables); 16-bit dtypes; */ \
+  /* the last pass returns how many output elements are not finite. */                          \
   int64_t multislerp_pass_cpu(int dtype, int pass, int64_t n, int64_t numel, const uint64_t* ptrs, \
                               const double* scalars, int threads);                             \
+  int64_t karcher_pass_cpu(int dtype, int pass, int64_t n, int64_t numel, const uint64_t* ptrs,  \
+                           const double* scalars, int threads);                                 \
   /* nuslerp of one long vector pair between torch's reductions, 16-bit dtypes: pass 0 the */    \
   /* deltas (ptrs x_0, x_1, base, v_0, v_1), 1 the dot's terms R(R(v_0/n_0) R(v_1/n_1)) (ptrs */ \
   /* v_0, v_1, out; scalars n_0, n_1), 2 the interpolation plus the base (ptrs v_0, v_1, base */  \

@@ -115,6 +115,78 @@ def karcher_mean(tensors, alphas, max_iter: int = 10, tol: float = 1e-5, sums=No
     return scale * mean
 
 
+def karcher_mean_native(tensors, alphas, max_iter: int, tol: float, sums, threads: int = 0):
+    """karcher_mean on 16-bit contiguous CPU tensors, step for step, with each full-size elementwise
+    step one native pass (csrc/gram/sphere_cpu.cpp, karcher_pass_cpu: the same roundings as torch's
+    ops) and every reduction, branch and scalar still torch's (``sums``; 0-d tensors), so the result
+    is karcher_mean's with the same ``sums``, bit for bit. A step's tangent sum is one pass over the
+    directions instead of four torch ops per direction."""
+    from array import array
+
+    import torch
+
+    from mergekit_fast import _native
+
+    x0 = tensors[0]
+    numel, dtype = x0.numel(), x0.dtype
+    tag = _native.dtype_tag(dtype)
+
+    def native(step: int, ts, scalars=(0.0,), n=None) -> int:
+        ptrs = array("Q", [t.data_ptr() for t in ts])
+        vals = array("d", [float(v) for v in scalars] or [0.0])
+        count = len(ts) if n is None else n
+        return _native.C.karcher_pass_cpu(tag, step, count, numel, ptrs.buffer_info()[0], vals.buffer_info()[0],
+                                          threads)  # fmt: skip
+
+    acc = torch.float32
+    norms = sums.norms(tensors, acc)
+    units = [torch.empty_like(x) for x in tensors]
+    native(0, [*tensors, *units], [nrm.item() for nrm in norms], n=len(tensors))
+    keep = [i for i, nrm in enumerate(norms) if nrm.item() > tol]
+    if not keep:
+        return sum(x * 0 for x in tensors)
+    kept_sum = sum(alphas[i] for i in keep)
+    weights = [alphas[i] / kept_sum for i in keep]
+    dirs = [units[i] for i in keep]
+
+    mean = torch.empty_like(dirs[0])
+    native(1, [*dirs, mean], weights, n=len(dirs))  # mean += a * u, from zeros
+    (length,) = sums.norms([mean], acc)
+    if length.item() < tol:
+        mean = dirs[0].clone()
+    else:
+        native(2, [mean], [length.item()], n=1)  # mean / length
+    step = torch.empty_like(mean)
+    for _ in range(max_iter):
+        ks, cs, active = [], [], []
+        for a, u, dot in zip(weights, dirs, sums.dots(mean, dirs)):
+            cos = torch.clamp(dot, -1.0, 1.0)
+            theta = torch.arccos(cos)
+            if theta.item() < tol:
+                continue
+            ks.append((a * (theta / torch.sin(theta))).item())
+            cs.append(cos.item())
+            active.append(u)
+        if active:
+            native(3, [*active, mean, step], [*ks, *cs], n=len(active))  # step += k (u - cos mean)
+        else:
+            step.zero_()
+        (step_len,) = sums.norms([step], acc)
+        if step_len.item() < tol:
+            break
+        native(
+            4, [mean, step], [torch.cos(step_len).item(), torch.sin(step_len).item(), step_len.item()], n=1
+        )
+        (length,) = sums.norms([mean], acc)
+        if length.item() > tol:
+            native(2, [mean], [length.item()], n=1)
+
+    scale = sum(a * nrm for a, nrm in zip(alphas, norms))
+    out = torch.empty_like(mean)
+    native(5, [mean, out], [scale.item()], n=1)
+    return out
+
+
 class Karcher(MergeMethod):
     name = "karcher"
     description = "Karcher (Riemannian) mean of the models' directions, times their mean norm"
@@ -145,15 +217,20 @@ class Karcher(MergeMethod):
         return out.clone() if n == 1 else out
 
     def compute(self, inputs, params, ctx: Context, out=None):
-        """The reference with its dot products from the gram op for 16-bit CPU tensors (_GramSums); fp32
-        and fp64 keep torch's sums, whose order of additions no other sum reproduces."""
+        """The reference with its dot products from the gram op for 16-bit CPU tensors (_GramSums) and
+        its elementwise steps native (karcher_mean_native); fp32 and fp64 keep torch's sums, whose order
+        of additions no other sum reproduces."""
         from mergekit_fast.ops.gram import native_ready
 
         if len(inputs) < 2 or inputs[0].itemsize != 2 or not native_ready(inputs, ctx.backend):
             return super().compute(inputs, params, ctx, out)
+        from mergekit_fast import _native
+
         n = len(inputs)
-        result = karcher_mean(list(inputs), [1.0 / n] * n, params.get("max_iter", 10), params.get("tol", 1e-5),
-                              _GramSums(ctx.threads))  # fmt: skip
+        run = karcher_mean_native if hasattr(_native.C, "karcher_pass_cpu") else karcher_mean
+        kw = {"threads": ctx.threads} if run is karcher_mean_native else {}
+        result = run(list(inputs), [1.0 / n] * n, params.get("max_iter", 10), params.get("tol", 1e-5),
+                     _GramSums(ctx.threads), **kw)  # fmt: skip
         if out is not None:
             return out.copy_(result)
         return result

@@ -17,7 +17,7 @@ from __future__ import annotations
 from mergekit_fast.methods._common import abs_sum
 from mergekit_fast.methods.base import BasePolicy, Context, Contract, MergeMethod, Param, Planned, Scope
 
-_NATIVE_MAX_MODELS = 16  # csrc/gram/multislerp_cpu.cpp: torch's order of a sum over dim 0 up to 16 rows
+_NATIVE_MAX_MODELS = 16  # csrc/gram/sphere_cpu.cpp: torch's order of a sum over dim 0 up to 16 rows
 
 
 class MultiSlerpError(ValueError):
@@ -89,7 +89,7 @@ class MultiSlerp(MergeMethod):
 
     def compute(self, inputs, params, ctx: Context, out=None):
         """16-bit CPU tensors: the reference's ops with its elementwise steps in five native passes
-        (csrc/gram/multislerp_cpu.cpp: the deltas, the units and their weighted mean, the products with
+        (csrc/gram/sphere_cpu.cpp: the deltas, the units and their weighted mean, the products with
         the normalised mean, the tangent step, the exponential map plus the base), each op rounded to the
         dtype as torch rounds it, and its reductions -- the norms and the dot products -- still torch's,
         on the very [n, numel] and [numel] tensors the reference reduces: mergekit's bits. torch stays

@@ -1,5 +1,6 @@
-// multislerp's elementwise passes on the CPU (gram/gram.h): the reference's ops
-// (mergekit_fast/methods/multislerp.py) between its reductions, op by op in the 16-bit input dtype
+// The hypersphere methods' elementwise passes on the CPU (gram/gram.h): multislerp's and karcher's
+// reference ops (mergekit_fast/methods/multislerp.py, karcher.py) between their reductions, op by op
+// in the 16-bit input dtype
 // (common/rounding.h), multi-threaded over blocks. The reductions (the norms and the dot products)
 // stay torch's, on the very tensors these passes write, so the result is mergekit's bit for bit:
 // torch sums a long bf16 vector in an order no exact sum reproduces (methods/nuslerp.py).
@@ -166,7 +167,103 @@ int64_t run(int pass, int n, int64_t numel, const uint64_t* p, const double* s, 
   }
 }
 
+// karcher (karcher_mean in methods/karcher.py), pass by pass; xs/us are tables of n addresses:
+//   0 units: us[i] = R(xs[i] / norm_i), zeros where norm_i is 0 (ptrs xs, us; scalars the norms)
+//   1 mean:  out = the sequential R(acc + R(a_i us[i])) from zeros (ptrs us, out; scalars a_i)
+//   2 scale: io = R(io / s) in place (ptrs io; scalar s)
+//   3 step:  out = the sequential R(acc + R(k_i R(us[i] - R(c_i m)))) from zeros (ptrs us, m, out;
+//            scalars k_i, then c_i)
+//   4 exp:   m = R(R(R(cs) m) + R(R(sn) R(step / len))) in place (ptrs m, step; scalars cs, sn, len)
+//   5 times: out = R(R(s) m) (ptrs m, out; scalar s); returns how many outputs are not finite
+// (torch casts a 0-d tensor of another dtype to the tensor's dtype where it is the first operand of
+// a product, and takes its own value where it divides: the R(cs), R(sn) and R(s) above.)
+template <typename F>
+int64_t karcher(int pass, int n, int64_t numel, const uint64_t* p, const double* s, int threads) {
+  using S = typename F::S;
+  using C = typename F::C;
+  auto in = [&](int i) { return reinterpret_cast<const S*>(p[i]); };
+  auto io = [&](int i) { return reinterpret_cast<S*>(p[i]); };
+  std::atomic<int64_t> bad{0};
+  over_blocks<F>(numel, threads, [&](int64_t lo, int64_t hi) {
+    if (pass == 0) {
+      for (int q = 0; q < n; ++q) {
+        const S* x = in(q);
+        S* u = io(n + q);
+        const C nrm = static_cast<C>(s[q]);
+        if (s[q] == 0.0) {
+          std::fill(u + lo, u + hi, F::store(C(0)));
+        } else {
+          for (int64_t j = lo; j < hi; ++j) u[j] = F::store(F::load(x[j]) / nrm);
+        }
+      }
+    } else if (pass == 1 || pass == 3) {
+      constexpr int64_t kSub = 512;
+      C acc[kSub];
+      const S* m = pass == 3 ? in(n) : nullptr;
+      S* out = io(pass == 3 ? n + 1 : n);
+      for (int64_t b0 = lo; b0 < hi; b0 += kSub) {
+        const int64_t len = std::min(kSub, hi - b0);
+        for (int64_t j = 0; j < len; ++j) acc[j] = C(0);
+        for (int q = 0; q < n; ++q) {
+          const S* u = in(q) + b0;
+          const C a = static_cast<C>(s[q]);
+          if (pass == 1) {
+            for (int64_t j = 0; j < len; ++j) acc[j] = F::round(acc[j] + F::round(a * F::load(u[j])));
+          } else {
+            const C c = static_cast<C>(s[n + q]);
+            for (int64_t j = 0; j < len; ++j) {
+              const C t = F::round(F::load(u[j]) - F::round(c * F::load(m[b0 + j])));
+              acc[j] = F::round(acc[j] + F::round(a * t));
+            }
+          }
+        }
+        for (int64_t j = 0; j < len; ++j) out[b0 + j] = F::store(acc[j]);
+      }
+    } else if (pass == 2) {
+      S* x = io(0);
+      const C d = static_cast<C>(s[0]);
+      for (int64_t j = lo; j < hi; ++j) x[j] = F::store(F::load(x[j]) / d);
+    } else if (pass == 4) {
+      S* m = io(0);
+      const S* st = in(1);
+      // a 0-d fp32 tensor as the first operand (`cos(len) * m`) is cast to the dtype first; as the
+      // divisor (`step / len`) it enters with its fp32 value
+      const C cs = F::round(static_cast<C>(s[0])), sn = F::round(static_cast<C>(s[1]));
+      const C len = static_cast<C>(s[2]);
+      for (int64_t j = lo; j < hi; ++j)
+        m[j] = F::store(F::round(cs * F::load(m[j])) + F::round(sn * F::round(F::load(st[j]) / len)));
+    } else {
+      const S* m = in(0);
+      S* out = io(1);
+      const C k = F::round(static_cast<C>(s[0]));  // `scale * m`: the fp32 0-d scale cast to the dtype
+      int64_t local = 0;
+      for (int64_t j = lo; j < hi; ++j) {
+        const C r = F::round(k * F::load(m[j]));
+        out[j] = F::store(r);
+        local += !(r - r == C(0));
+      }
+      bad += local;
+    }
+  });
+  return bad.load();
+}
+
 }  // namespace
+
+int64_t karcher_pass_cpu(int dtype, int pass, int64_t n, int64_t numel, const uint64_t* ptrs, const double* scalars,
+                         int threads) {
+  if (pass < 0 || pass > 5) throw std::invalid_argument("karcher_pass_cpu: no pass " + std::to_string(pass));
+  if (n < 0 || n > 64) throw std::invalid_argument("karcher_pass_cpu: 0 to 64 tensors, got " + std::to_string(n));
+  if (numel <= 0) return 0;
+  threads = default_threads(threads);
+  const int m = static_cast<int>(n);
+  switch (dtype) {
+    case kBF16: return karcher<FmtBF16>(pass, m, numel, ptrs, scalars, threads);
+    case kF16: return karcher<FmtF16>(pass, m, numel, ptrs, scalars, threads);
+    default:
+      throw std::invalid_argument("karcher_pass_cpu: bf16 or fp16 only, got dtype tag " + std::to_string(dtype));
+  }
+}
 
 int64_t multislerp_pass_cpu(int dtype, int pass, int64_t n, int64_t numel, const uint64_t* ptrs,
                             const double* scalars, int threads) {
@@ -187,6 +284,11 @@ int64_t multislerp_pass_cpu(int dtype, int pass, int64_t n, int64_t numel, const
 
 #if MKF_ISA_PRIMARY
 namespace mkf {
+
+int64_t karcher_pass_cpu(int dtype, int pass, int64_t n, int64_t numel, const uint64_t* ptrs, const double* scalars,
+                         int threads) {
+  MKF_CPU_DISPATCH(karcher_pass_cpu, dtype, pass, n, numel, ptrs, scalars, threads);
+}
 
 int64_t multislerp_pass_cpu(int dtype, int pass, int64_t n, int64_t numel, const uint64_t* ptrs,
                             const double* scalars, int threads) {
