@@ -121,22 +121,14 @@ def karcher_mean_native(tensors, alphas, max_iter: int, tol: float, sums, thread
     ops) and every reduction, branch and scalar still torch's (``sums``; 0-d tensors), so the result
     is karcher_mean's with the same ``sums``, bit for bit. A step's tangent sum is one pass over the
     directions instead of four torch ops per direction."""
-    from array import array
-
     import torch
 
-    from mergekit_fast import _native
+    from mergekit_fast.ops.gram import native_pass
 
-    x0 = tensors[0]
-    numel, dtype = x0.numel(), x0.dtype
-    tag = _native.dtype_tag(dtype)
+    numel = tensors[0].numel()
 
-    def native(step: int, ts, scalars=(0.0,), n=None) -> int:
-        ptrs = array("Q", [t.data_ptr() for t in ts])
-        vals = array("d", [float(v) for v in scalars] or [0.0])
-        count = len(ts) if n is None else n
-        return _native.C.karcher_pass_cpu(tag, step, count, numel, ptrs.buffer_info()[0], vals.buffer_info()[0],
-                                          threads)  # fmt: skip
+    def native(step: int, ts, scalars=(), n=1) -> int:
+        return native_pass("karcher_pass_cpu", ts, numel, step, scalars, n=n, threads=threads)
 
     acc = torch.float32
     norms = sums.norms(tensors, acc)
@@ -227,10 +219,17 @@ class Karcher(MergeMethod):
         from mergekit_fast import _native
 
         n = len(inputs)
-        run = karcher_mean_native if hasattr(_native.C, "karcher_pass_cpu") else karcher_mean
-        kw = {"threads": ctx.threads} if run is karcher_mean_native else {}
-        result = run(list(inputs), [1.0 / n] * n, params.get("max_iter", 10), params.get("tol", 1e-5),
-                     _GramSums(ctx.threads), **kw)  # fmt: skip
+        args = (
+            list(inputs),
+            [1.0 / n] * n,
+            params.get("max_iter", 10),
+            params.get("tol", 1e-5),
+            _GramSums(ctx.threads),
+        )
+        if hasattr(_native.C, "karcher_pass_cpu"):
+            result = karcher_mean_native(*args, threads=ctx.threads)
+        else:
+            result = karcher_mean(*args)
         if out is not None:
             return out.copy_(result)
         return result

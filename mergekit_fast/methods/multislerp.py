@@ -104,22 +104,18 @@ class MultiSlerp(MergeMethod):
         if (not 2 <= n <= _NATIVE_MAX_MODELS or inputs[0].itemsize != 2 or not native_ready(inputs, ctx.backend)
                 or not hasattr(_native.C, "multislerp_pass_cpu")):  # fmt: skip
             return super().compute(inputs, params, ctx, out)
-        from array import array
-
         import torch
+
+        from mergekit_fast.ops.gram import native_pass
 
         eps = params.get("eps", 1e-8)
         base = inputs[0] if len(inputs) == n + 1 else None
         models = inputs[-n:]
         x0 = models[0]
         numel, dtype = x0.numel(), x0.dtype
-        tag = _native.dtype_tag(dtype)
 
-        def native(step: int, tensors, scalars=(0.0,)) -> int:
-            ptrs = array("Q", [0 if t is None else t.data_ptr() for t in tensors])
-            vals = array("d", [float(x) for x in scalars])
-            return _native.C.multislerp_pass_cpu(tag, step, n, numel, ptrs.buffer_info()[0], vals.buffer_info()[0],
-                                                 ctx.threads)  # fmt: skip
+        def native(step: int, tensors, scalars=()) -> int:
+            return native_pass("multislerp_pass_cpu", tensors, numel, step, scalars, n=n, threads=ctx.threads)
 
         v = torch.empty((n, numel), dtype=dtype)
         native(0, [*models, base, v])  # v = stack(models) - base

@@ -170,23 +170,17 @@ class Nuslerp(MergeMethod):
         passes (csrc/gram/apply_cpu.cpp, nuslerp_pass_cpu: the task vectors, the dot's terms, the
         interpolation plus the base) and the coefficients torch's ops on one-element tensors, as in the
         reference: mergekit's bits, without the reference's dozen full-size temporaries."""
-        from array import array
-
         import torch
 
-        from mergekit_fast import _native
+        from mergekit_fast.ops.gram import native_pass
 
         t = params["t"]
         base = inputs[0] if len(inputs) == 3 else None
         x0, x1 = inputs[-2:]
         numel, dtype = x0.numel(), x0.dtype
-        tag = _native.dtype_tag(dtype)
 
-        def native(step: int, tensors, scalars=(0.0,)) -> int:
-            ptrs = array("Q", [0 if x is None else x.data_ptr() for x in tensors])
-            vals = array("d", [float(x) for x in scalars])
-            return _native.C.nuslerp_pass_cpu(tag, step, numel, ptrs.buffer_info()[0], vals.buffer_info()[0],
-                                              ctx.threads)  # fmt: skip
+        def native(step: int, tensors, scalars=()) -> int:
+            return native_pass("nuslerp_pass_cpu", tensors, numel, step, scalars, threads=ctx.threads)
 
         if base is not None:
             v0, v1 = torch.empty(numel, dtype=dtype), torch.empty(numel, dtype=dtype)

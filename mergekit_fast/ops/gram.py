@@ -159,6 +159,19 @@ def gram(xs: Sequence[torch.Tensor], base: torch.Tensor | None = None, *, row_le
 # ----------------------------------------------------------------------------- the methods' apply steps
 
 
+def native_pass(
+    kernel: str, tensors, numel: int, step: int, scalars=(), *, n: int | None = None, threads: int = 0
+) -> int:
+    """One elementwise pass of a gram-based method's kernel (``multislerp_pass_cpu``, ``nuslerp_pass_cpu``,
+    ``karcher_pass_cpu``: csrc/gram) on torch tensors of one 16-bit dtype: their addresses (None: 0) in a
+    table, ``scalars`` as doubles, ``n`` the model count for the kernels that take one."""
+    ptrs = array("Q", [0 if t is None else t.data_ptr() for t in tensors])
+    vals = array("d", [float(v) for v in scalars] or [0.0])
+    dtype = next(t.dtype for t in tensors if t is not None)
+    lead = (_native.dtype_tag(dtype), step) if n is None else (_native.dtype_tag(dtype), step, n)
+    return getattr(_native.C, kernel)(*lead, numel, ptrs.buffer_info()[0], vals.buffer_info()[0], threads)
+
+
 def native_ready(tensors: Sequence[torch.Tensor], backend: str = "auto") -> bool:
     """Whether the C++ kernels serve these tensors: CPU, one dtype the kernels take, contiguous, the
     native module built, and ``backend`` (a method's Context.backend) auto or cpp."""
