@@ -202,7 +202,7 @@ def main(argv=None) -> int:
     if floor:
         tools["floor"] = [sys.executable, str(Path(__file__).resolve().parent / "io_floor.py"),
                           *[x for m in inputs for x in ("--model", str(m))], "--write-bytes", str(out_bytes),
-                          "--out", str(work / "floor.bin")]  # fmt: skip
+                          "--out", str(work / "floor.bin"), "--keep"]  # fmt: skip
     outs = {"mergekit_fast": work / "out_fast", "mergekit": work / "out_mk", "floor": work / "floor.bin"}
     outs.update(outs_extra)
     files = [f for m in inputs for f in sorted(m.glob("*.safetensors"))]

@@ -153,7 +153,7 @@ def alternate(tools: dict[str, tuple[list[str], Path]], runs: int, warmup: int =
               disk: Path | None = None) -> dict[str, list[tuple]]:  # fmt: skip
     """Run each tool's command ``runs`` times, alternating between the tools, each in a fresh process;
     {tool: [(seconds, peak RSS bytes, extras)]}. ``tools`` maps a name to (command, its output
-    directory), which is removed before every run. ``warmup`` untimed runs per tool come first (the
+    directory or file), which is removed before every run (untimed). ``warmup`` untimed runs per tool come first (the
     first run after a pause is often slow for either tool: page cache, CPU clocks). Every run starts
     after a sync(), so no tool is throttled for the dirty pages the previous run left behind (1.8 GB of
     output each; the kernel slows writers down once dirty pages pass its thresholds). The page
@@ -166,6 +166,8 @@ def alternate(tools: dict[str, tuple[list[str], Path]], runs: int, warmup: int =
     for r in range(-warmup, runs):
         for tool, (cmd, out) in tools.items():
             for _, other in tools.values():
+                if other.is_file():
+                    other.unlink()  # a tool whose output is one file (io_floor.py --keep)
                 shutil.rmtree(other, ignore_errors=True)
             os.sync()
             if before is not None:

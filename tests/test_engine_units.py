@@ -69,6 +69,50 @@ def test_pool_drops_free_buffers_to_make_room():
     assert len(b) >= 8000 and pool.held == 8000
 
 
+def test_pool_quantum_keeps_buffers_interchangeable():
+    # Jobs of 8, 32 and 117 MB at 7B, scaled: with a quantum of the bulk size every buffer fits every
+    # bulk job, so a mix of sizes reuses the same buffers instead of dropping and allocating.
+    pool = BufferPool(4 * 117, quantum=117)
+    bufs = [pool.acquire(n) for n in (117, 8, 32)]
+    assert [len(b) for b in bufs] == [117, 117, 117] and pool.held == 3 * 117
+    for b in bufs:
+        pool.release(b)
+    again = [pool.acquire(n) for n in (32, 117, 117)]
+    assert {id(b) for b in again} == {id(b) for b in bufs} and pool.held == 3 * 117
+    for b in again:
+        pool.release(b)
+    assert len(pool.acquire(300)) == 300  # larger than the quantum: its own size
+
+
+def test_pool_buffers_take_huge_pages_where_the_system_offers_them():
+    import mmap
+
+    pool = BufferPool(8 << 20)
+    buf = pool.acquire(4 << 20)
+    buf[:] = b"\x01" * len(buf)  # touch every page
+    if not hasattr(mmap, "MADV_HUGEPAGE"):
+        pytest.skip("no MADV_HUGEPAGE on this platform")
+    from pathlib import Path
+
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not thp.exists() or "[never]" in thp.read_text():
+        pytest.skip("transparent huge pages are off here")
+    # The hint is visible in the mapping's flags (smaps "VmFlags: ... hg"), whether or not the kernel
+    # found a huge page for it.
+    from mergekit_fast.io import kernel
+
+    addr = kernel.buffer_address(buf)
+    flags = None
+    for block in Path("/proc/self/smaps").read_text().split("\n"):
+        if "-" in block.split(" ")[0] and not block.startswith("VmFlags"):
+            lo, hi = (int(x, 16) for x in block.split(" ")[0].split("-"))
+            inside = lo <= addr < hi
+        elif block.startswith("VmFlags") and inside:
+            flags = block.split()[1:]
+            break
+    assert flags is not None and "hg" in flags
+
+
 def test_pool_reserve_accounts_outside_memory():
     pool = BufferPool(10_000)
     pool.reserve(7000)

@@ -191,6 +191,47 @@ def test_direct_merge_with_buffers_smaller_than_a_job(pair, tmp_path, monkeypatc
     assert _files(small) == _files(_merge(pair, tmp_path / "cached", direct_io=False))
 
 
+def test_bulk_size_is_the_byte_weighted_median():
+    assert staging.bulk_size([]) == 0
+    assert staging.bulk_size([5]) == 5
+    # A 7B layer per model: three 117 MB MLP tensors hold most bytes, whatever the count of small ones.
+    layer = [117, 117, 117, 32, 32, 8, 8, 0]
+    assert staging.bulk_size(layer * 32 + [250]) == 117
+    assert staging.bulk_size([1, 1, 1, 1, 10]) == 10  # 10 of 14 bytes
+    assert staging.bulk_size([1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 10]) == 1  # the middle byte is a 1
+
+
+@needs_native
+def test_direct_reads_keep_reading_while_jobs_wait_for_the_compute(pair, tmp_path, monkeypatch):
+    # A job's input and output buffers are taken when its compute starts, not when it is loaded: a job
+    # waiting between the stages holds no memory that a read ahead of it would need.
+    monkeypatch.setattr(staging.ReadAhead, "CHUNK", 1)
+    held_after_load, made = [], []
+    real_load, real_init = staging.CpuDirect.load, staging.DirectReads.__init__
+
+    def load(self, job):
+        real_load(self, job)
+        held_after_load.append(len(job.direct_bufs) + len(job.out_bufs))
+
+    def init(self, *args, **kw):
+        real_init(self, *args, **kw)
+        made.append(self)
+
+    monkeypatch.setattr(staging.CpuDirect, "load", load)
+    monkeypatch.setattr(staging.DirectReads, "__init__", init)
+    out = _merge(pair, tmp_path / "out", read_ahead=1)
+    assert held_after_load and set(held_after_load) == {0}
+    # Each model's pool holds the job in compute plus DEPTH reads of its bulk job size, and hands out
+    # buffers of at least that size (interchangeable between the jobs).
+    (reads,) = made
+    for model, items in reads.streams.items():
+        sizes = [sum(direct.span(0, reads.run.info(ref).nbytes) for _, _, ref in refs) for _, refs in items]
+        pool = reads.pools[model]
+        bulk = staging.bulk_size(sizes)
+        assert bulk > 0 and pool.quantum == bulk and pool.budget == (reads.DEPTH + 2) * bulk
+    assert _files(out) == _files(_merge(pair, tmp_path / "cached", direct_io=False))
+
+
 def _cached_fraction(model):
     """The fraction of the model's tensor bytes in the page cache (mincore), or None where unknown."""
     from mergekit_fast.io.safetensors import ShardReader
@@ -306,3 +347,6 @@ def test_io_floor_moves_every_byte_and_leaves_nothing(pair, tmp_path, overlap):
     assert r["read_bytes"] == inputs and r["write_bytes"] == nbytes and r["overlap"] is overlap
     assert r["floor_s"] >= max(r["read_s"], r["write_s"])
     assert not out.exists()
+    # --keep (bench_merge): the file stays for the caller to remove, untimed, with every byte written
+    subprocess.run(cmd + ["--keep"], check=True, capture_output=True)
+    assert out.stat().st_size == nbytes

@@ -275,7 +275,7 @@ def _execute(
     if opt.direct_io and direct.supported():
         for job in jobs:
             job.direct = job.native and _direct_inputs(job, run)
-    reads = DirectReads(run, jobs, opt.read_ahead) if any(j.direct for j in jobs) else None
+    reads = DirectReads(run, jobs, opt.read_ahead, cap=budget) if any(j.direct for j in jobs) else None
     if reads is not None:
         native_direct = CpuDirect(run, reads)
     if opt.threads and any(j.kind != "copy" and not j.native for j in jobs):
@@ -296,10 +296,15 @@ def _execute(
             run.in_pool.close()
         if reads is not None:
             reads.stop()
+            native_direct.out_pool.close()
 
     # On the CPU the loader prefaults inputs: one job ahead is enough overlap and keeps RSS bounded.
     prefetch = Prefetch(ReadAhead(run, jobs, opt.read_ahead), reads)
     Pipeline(strategy_of, prefetch, abort, load_depth=4 if cuda else 1).run(jobs)
+    if reads is not None:
+        log.info(
+            "direct I/O: the compute waited %.2f s of its busy time for the reads", native_direct.read_wait
+        )
     return run
 
 

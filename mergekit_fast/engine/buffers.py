@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import mmap
 import threading
@@ -18,9 +19,13 @@ class BufferPool:
     A request larger than the whole budget is served alone, once everything else is returned.
     """
 
-    def __init__(self, budget: int, pin: bool = False):
+    def __init__(self, budget: int, pin: bool = False, quantum: int = 0):
         self.budget = budget
         self.pin = pin
+        # Requests smaller than ``quantum`` get a buffer of that size: buffers of a pool whose jobs vary
+        # in size (8, 32, 117 MB at 7B) stay interchangeable, instead of small free buffers being
+        # dropped and large ones allocated and zeroed again (5 s of system time in a cold 7B merge).
+        self.quantum = quantum
         self.free: list = []
         self.in_use = 0
         self.held = 0  # bytes allocated (free + in use)
@@ -29,7 +34,15 @@ class BufferPool:
 
     def _alloc(self, nbytes: int):
         if not self.pin:
-            return mmap.mmap(-1, nbytes)  # page-aligned, zero pages until first written
+            buf = mmap.mmap(-1, nbytes)  # page-aligned, zero pages until first written
+            if hasattr(mmap, "MADV_HUGEPAGE"):
+                # Transparent huge pages where the system allows them (THP "madvise" is the common
+                # default): one fault per 2 MiB on first touch instead of 512, and an O_DIRECT read or
+                # write into the buffer goes out in fewer, larger requests (2.7-4 s less user time in a
+                # cold 7B SLERP merge on the 2-core VM, 2026-12-03). A hint: refusals are ignored.
+                with contextlib.suppress(OSError):
+                    buf.madvise(mmap.MADV_HUGEPAGE)
+            return buf
         import torch
 
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
@@ -42,7 +55,7 @@ class BufferPool:
         return self.held + nbytes <= self.budget or self.in_use == 0
 
     def acquire(self, nbytes: int):
-        nbytes = max(nbytes, 1)
+        nbytes = max(nbytes, self.quantum, 1)
         with self.cond:
             while True:
                 if self.closed:
