@@ -217,18 +217,32 @@ def test_direct_reads_keep_reading_while_jobs_wait_for_the_compute(pair, tmp_pat
         real_init(self, *args, **kw)
         made.append(self)
 
+    allocs: dict[int, int] = {}
+    real_alloc = staging.BufferPool._alloc
+
+    def alloc(self, nbytes):
+        allocs[id(self)] = allocs.get(id(self), 0) + 1
+        return real_alloc(self, nbytes)
+
     monkeypatch.setattr(staging.CpuDirect, "load", load)
     monkeypatch.setattr(staging.DirectReads, "__init__", init)
+    monkeypatch.setattr(staging.BufferPool, "_alloc", alloc)
     out = _merge(pair, tmp_path / "out", read_ahead=1)
     assert held_after_load and set(held_after_load) == {0}
-    # Each model's pool holds the job in compute plus DEPTH reads of its bulk job size, and hands out
-    # buffers of at least that size (interchangeable between the jobs).
+    # Each model's pool holds the job in compute, DEPTH reads and one waiting, of its bulk job size, and
+    # hands out buffers of at least that size (interchangeable between the jobs).
     (reads,) = made
     for model, items in reads.streams.items():
-        sizes = [sum(direct.span(0, reads.run.info(ref).nbytes) for _, _, ref in refs) for _, refs in items]
+        # the buffer each job's read of this model really needs (its tensors' aligned spans)
+        sizes = [
+            sum(reads.run.reader(ref).direct_span(ref.tensor) for _, _, ref in refs) for _, refs in items
+        ]
         pool = reads.pools[model]
         bulk = staging.bulk_size(sizes)
-        assert bulk > 0 and pool.quantum == bulk and pool.budget == (reads.DEPTH + 2) * bulk
+        assert 0 < bulk <= pool.quantum < 2 * bulk  # the estimate: a page more per tensor at most
+        assert pool.budget == (reads.DEPTH + 2) * pool.quantum
+        # no churn: the pool's buffers are allocated once, plus one per job larger than the quantum
+        assert allocs.get(id(pool), 0) <= reads.DEPTH + 2 + sum(n > pool.quantum for n in sizes)
     assert _files(out) == _files(_merge(pair, tmp_path / "cached", direct_io=False))
 
 

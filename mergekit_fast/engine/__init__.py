@@ -275,7 +275,11 @@ def _execute(
     if opt.direct_io and direct.supported():
         for job in jobs:
             job.direct = job.native and _direct_inputs(job, run)
-    reads = DirectReads(run, jobs, opt.read_ahead, cap=budget) if any(j.direct for j in jobs) else None
+    reads = (
+        DirectReads(run, jobs, opt.read_ahead, cap=budget - budget // 4)
+        if any(j.direct for j in jobs)
+        else None
+    )
     if reads is not None:
         native_direct = CpuDirect(run, reads)
     if opt.threads and any(j.kind != "copy" and not j.native for j in jobs):

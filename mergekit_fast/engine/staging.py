@@ -262,12 +262,14 @@ class CpuDirect(CpuNative):
         super().__init__(run)
         self.reads = reads
         self.read_wait = 0.0  # seconds the compute stage waited for the reads (logged at INFO)
-        # Its own output pool, bounded to the job being computed, the one being written and one queued:
-        # the writer is what the disk bounds, and output buffers queued behind it are memory that buys
+        # Its own output pool, bounded to the job being computed, the one being written and one queued,
+        # within a quarter of the memory budget (the reads have the rest, DirectReads' ``cap``): the
+        # writer is what the disk bounds, and output buffers queued behind it are memory that buys
         # nothing (a cold 7B SLERP: 2.4 GiB peak RSS with the shared 4 GiB pool, 1.4 GiB with this one,
         # the same time).
-        self.out_pool = BufferPool(min(run.out_pool.budget, max(256 << 20, 3 * reads.typical_output)),
-                                   quantum=min(run.out_pool.budget, reads.typical_output))  # fmt: skip
+        cap = run.out_pool.budget // 4
+        self.out_pool = BufferPool(min(cap, max(256 << 20, 3 * reads.typical_output)),
+                                   quantum=min(cap, reads.typical_output))  # fmt: skip
 
     def load(self, job: Job) -> None:
         # The reading threads are this job's loader: its buffers are taken when its compute starts
@@ -353,7 +355,8 @@ class DirectReads:
     """Reads the inputs of the direct jobs (``Job.direct``) ahead of their compute, past the page cache:
     per input model, ``DEPTH`` threads take the jobs in order and read each job's tensors of that model
     into one buffer of the model's pool (``budget`` bytes shared between the models, grown to hold the
-    job in compute plus ``DEPTH`` reads of the model's bulk job size, within ``cap``; a job's buffer
+    job in compute, ``DEPTH`` reads and one read waiting, of the model's bulk job size, within ``cap``
+    bytes shared between the models; a job's buffer
     larger than the pool is read alone, once the model's earlier buffers are back). A direct read is one
     request per tensor, which the block layer splits into requests that are all in flight at once; with
     two such reads per model and the models read at the same time, the disk sees a deep queue. ``take``
@@ -380,8 +383,8 @@ class DirectReads:
         for model, items in per.items():
             for key, _ in items:
                 self.models_of.setdefault(key, []).append(model)
-        # Each model's pool holds the job being computed plus DEPTH reads in flight, for the jobs that
-        # carry most of the bytes (their byte-weighted median size; a larger one, the embeddings, is
+        # Each model's pool holds the job being computed, DEPTH reads in flight and one read done and
+        # waiting for its compute, for the jobs that carry most of the bytes (their byte-weighted median size; a larger one, the embeddings, is
         # read with less overlap): a share smaller than that serialises the reads behind the compute
         # (at 7B, 117 MB tensors and the default 512 MB budget, one read in flight per model and the
         # disk half idle: 36 s against 28 s for a cold SLERP pair on the 2-core VM, 2026-12-03).
@@ -391,9 +394,9 @@ class DirectReads:
         cap = (budget if cap is None else cap) // max(1, len(per))  # the run's memory budget, shared
         self.pools = {}
         for model, items in per.items():
-            sizes = [
-                sum(direct.span(0, self.run.info(ref).nbytes) for _, _, ref in refs) for _, refs in items
-            ]
+            # the most buffer a tensor's read can need, wherever in its first page it starts (span)
+            sizes = [sum(direct.up(self.run.info(ref).nbytes) + direct.ALIGN for _, _, ref in refs)
+                     for _, refs in items]  # fmt: skip
             bulk = bulk_size(sizes)
             self.pools[model] = BufferPool(
                 min(max(share, (self.DEPTH + 2) * bulk), cap), quantum=min(bulk, cap)
