@@ -168,19 +168,43 @@ def _peak_rss(cfg, out, budget: str) -> int:
     return int(rss)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("method", ["slerp", "linear"])
-def test_a_1gb_fused_tensor_merges_in_bounded_memory(tmp_path_factory, tmp_path, method):
-    """Two Mixtral checkpoints whose gate_up_proj is 1.07 GB each (8 x 32768 x 2048 bf16), merged under
-    --max-memory 256M: the whole-tensor method streams over chunks (reduce pass, then apply pass), so peak
-    RSS stays within the budget plus the fixed overhead of a tiny model's merge, and the result equals the
-    merge of the same tensors in memory."""
+@pytest.fixture(scope="module")
+def big_moe_pair(tmp_path_factory):
+    """Two Mixtral checkpoints with 1.07 GB fused expert tensors and two tiny ones, written once for the
+    module and removed after it (pytest keeps the last three runs' temporary directories: 14 GB each
+    with these left behind)."""
+    import shutil
+
     from mergekit_fast.testing import make_synthetic_moe
 
     root = tmp_path_factory.mktemp("big_moe")
     kw = dict(hidden_size=2048, intermediate_size=16384, num_experts=8, vocab_size=256)
-    a, b = (make_synthetic_moe(root / n, seed=s, **kw) for n, s in (("a", 1), ("b", 2)))
-    small = [make_synthetic_moe(root / f"s{s}", seed=s) for s in (1, 2)]
+    try:
+        a, b = (make_synthetic_moe(root / n, seed=s, **kw) for n, s in (("a", 1), ("b", 2)))
+        small = [make_synthetic_moe(root / f"s{s}", seed=s) for s in (1, 2)]
+        yield a, b, small
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["slerp", "linear"])
+def test_a_1gb_fused_tensor_merges_in_bounded_memory(big_moe_pair, tmp_path, method):
+    """Two Mixtral checkpoints whose gate_up_proj is 1.07 GB each (8 x 32768 x 2048 bf16), merged under
+    --max-memory 256M: the whole-tensor method streams over chunks (reduce pass, then apply pass), so peak
+    RSS stays within the budget plus the fixed overhead of a tiny model's merge, and the result equals the
+    merge of the same tensors in memory."""
+    import shutil
+
+    a, b, small = big_moe_pair
+    try:
+        _check_big_merge(a, b, small, tmp_path, method)
+    finally:
+        for out in ("o_big", "o_ref"):  # 2.1 GB each
+            shutil.rmtree(tmp_path / out, ignore_errors=True)
+
+
+def _check_big_merge(a, b, small, tmp_path, method):
     text = (
         "models:\n  - model: {a}\n  - model: {b}\nmerge_method: slerp\nbase_model: {a}\nparameters: {{t: 0.4}}\n"
         if method == "slerp"
