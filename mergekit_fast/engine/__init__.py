@@ -275,13 +275,11 @@ def _execute(
     if opt.direct_io and direct.supported():
         for job in jobs:
             job.direct = job.native and _direct_inputs(job, run)
-    reads = (
-        DirectReads(run, jobs, opt.read_ahead, cap=budget - budget // 4)
-        if any(j.direct for j in jobs)
-        else None
-    )
-    if reads is not None:
-        native_direct = CpuDirect(run, reads)
+    reads = None
+    if any(j.direct for j in jobs):
+        # direct jobs: their reads within three quarters of the memory budget, their outputs the rest
+        reads = DirectReads(run, jobs, opt.read_ahead, cap=budget - budget // 4)
+        native_direct = CpuDirect(run, reads, jobs, cap=budget // 4)
     if opt.threads and any(j.kind != "copy" and not j.native for j in jobs):
         import torch
 

@@ -258,18 +258,19 @@ class CpuDirect(CpuNative):
     the whole pages to the disk directly. No page of input or output passes through the page cache or
     this process's page tables, which is what costs the CPU at 7B (the io/direct.py docstring)."""
 
-    def __init__(self, run: RunState, reads: DirectReads):
+    def __init__(self, run: RunState, reads: DirectReads, jobs: list[Job], cap: int):
+        from mergekit_fast.io import direct
+
         super().__init__(run)
         self.reads = reads
         self.read_wait = 0.0  # seconds the compute stage waited for the reads (logged at INFO)
         # Its own output pool, bounded to the job being computed, the one being written and one queued,
-        # within a quarter of the memory budget (the reads have the rest, DirectReads' ``cap``): the
-        # writer is what the disk bounds, and output buffers queued behind it are memory that buys
-        # nothing (a cold 7B SLERP: 2.4 GiB peak RSS with the shared 4 GiB pool, 1.4 GiB with this one,
-        # the same time).
-        cap = run.out_pool.budget // 4
-        self.out_pool = BufferPool(min(cap, max(256 << 20, 3 * reads.typical_output)),
-                                   quantum=min(cap, reads.typical_output))  # fmt: skip
+        # within ``cap`` bytes: the writer is what the disk bounds, and output buffers queued behind it
+        # are memory that buys nothing (a cold 7B SLERP: 2.4 GiB peak RSS with the shared 4 GiB pool,
+        # 1.4 GiB with this one, the same time).
+        typical = bulk_size([sum(direct.max_span(math.prod(t.shape) * t.out_dtype.itemsize) for t in job.tensors)
+                             for job in jobs if job.direct])  # fmt: skip
+        self.out_pool = BufferPool(min(cap, max(256 << 20, 3 * typical)), quantum=min(cap, typical))
 
     def load(self, job: Job) -> None:
         # The reading threads are this job's loader: its buffers are taken when its compute starts
@@ -356,13 +357,12 @@ class DirectReads:
     per input model, ``DEPTH`` threads take the jobs in order and read each job's tensors of that model
     into one buffer of the model's pool (``budget`` bytes shared between the models, grown to hold the
     job in compute, ``DEPTH`` reads and one read waiting, of the model's bulk job size, within ``cap``
-    bytes shared between the models; a job's buffer
-    larger than the pool is read alone, once the model's earlier buffers are back). A direct read is one
-    request per tensor, which the block layer splits into requests that are all in flight at once; with
-    two such reads per model and the models read at the same time, the disk sees a deep queue. ``take``
-    hands a job's buffers to its compute (CpuDirect), which returns them to the pools once the kernels
-    ran. An error (a short file, an I/O error) is raised by the ``take`` of the job that needed the
-    tensor."""
+    bytes shared between the models; a job's buffer larger than the pool is read alone, once the
+    model's earlier buffers are back). A direct read is one request per tensor, which the block layer
+    splits into requests that are all in flight at once; with two such reads per model and the models
+    read at the same time, the disk sees a deep queue. ``take`` hands a job's buffers to its compute
+    (CpuDirect), which returns them to the pools once the kernels ran. An error (a short file, an I/O
+    error) is raised by the ``take`` of the job that needed the tensor."""
 
     DEPTH = 2  # reading threads per model (reads in flight)
 
@@ -384,26 +384,24 @@ class DirectReads:
             for key, _ in items:
                 self.models_of.setdefault(key, []).append(model)
         # Each model's pool holds the job being computed, DEPTH reads in flight and one read done and
-        # waiting for its compute, for the jobs that carry most of the bytes (their byte-weighted median size; a larger one, the embeddings, is
-        # read with less overlap): a share smaller than that serialises the reads behind the compute
-        # (at 7B, 117 MB tensors and the default 512 MB budget, one read in flight per model and the
-        # disk half idle: 36 s against 28 s for a cold SLERP pair on the 2-core VM, 2026-12-03).
+        # waiting for its compute, for the jobs that carry most of the bytes (their byte-weighted median
+        # size; a larger one, the embeddings, is read with less overlap): a share smaller than that
+        # serialises the reads behind the compute (at 7B, 117 MB tensors and the default 512 MB budget,
+        # one read in flight per model and the disk half idle: 36 s against 28 s for a cold SLERP pair
+        # on the 2-core VM, 2026-12-03).
         from mergekit_fast.io import direct
 
         share = max(ReadAhead.CHUNK, budget // max(1, len(per)))
         cap = (budget if cap is None else cap) // max(1, len(per))  # the run's memory budget, shared
         self.pools = {}
         for model, items in per.items():
-            # the most buffer a tensor's read can need, wherever in its first page it starts (span)
-            sizes = [sum(direct.up(self.run.info(ref).nbytes) + direct.ALIGN for _, _, ref in refs)
-                     for _, refs in items]  # fmt: skip
+            sizes = [
+                sum(direct.max_span(self.run.info(ref).nbytes) for _, _, ref in refs) for _, refs in items
+            ]
             bulk = bulk_size(sizes)
             self.pools[model] = BufferPool(
                 min(max(share, (self.DEPTH + 2) * bulk), cap), quantum=min(bulk, cap)
             )
-        self.typical_output = bulk_size([
-            sum(direct.up(math.prod(t.shape) * t.out_dtype.itemsize) + direct.ALIGN for t in job.tensors)
-            for job in jobs if job.direct])  # fmt: skip
         self.ready: dict[tuple, tuple] = {}  # (job id, model) -> (pool, buffer, {(ti, ri): offset})
         self.failed: dict[tuple, BaseException] = {}
         self.cond = threading.Condition()

@@ -91,6 +91,11 @@ def span(start: int, nbytes: int) -> int:
     return up(start + nbytes) - down(start)
 
 
+def max_span(nbytes: int) -> int:
+    """The most buffer ``nbytes`` can need, read or placed, wherever in its first page they start."""
+    return up(nbytes) + ALIGN
+
+
 def read_into(fd: int, fallback_fd: int, start: int, nbytes: int, buf) -> int:
     """Read file bytes [start, start + nbytes) into ``buf`` (page-aligned, at least ``span`` bytes) with
     the O_DIRECT descriptor ``fd``; returns the offset in ``buf`` of byte ``start``. The read covers the
