@@ -314,9 +314,23 @@ def test_ray_progress_counts_every_byte_once(cluster, models, tmp_path):
     assert stats.peak_rss > 0  # the workers' peak RSS comes back (the summary reports the largest)
 
 
-def test_ray_missing_input_names_the_path_and_the_node(cluster, models, tmp_path):
-    """An input the driver planned from but a worker cannot read (here: moved away after planning)."""
+def _record_cancels(monkeypatch) -> list:
+    """The driver's ray.cancel calls, recorded (and still made)."""
+    import ray
+
+    calls: list = []
+    real = ray.cancel
+    monkeypatch.setattr(ray, "cancel", lambda ref, **kw: (calls.append(ref), real(ref, **kw))[1])
+    return calls
+
+
+def test_ray_missing_input_names_the_path_and_the_node(cluster, models, tmp_path, monkeypatch):
+    """An input the driver planned from but a worker cannot read (here: moved away after planning).
+    Both tasks fail at once; the driver stops them by its mark and never calls ray.cancel on a task
+    that is ending (that race aborts the driver process inside Ray)."""
     from mergekit_fast.executors.ray import RayExecutor
+
+    cancels = _record_cancels(monkeypatch)
 
     a, _, _ = models
     b = tmp_path / "b"
@@ -329,6 +343,7 @@ def test_ray_missing_input_names_the_path_and_the_node(cluster, models, tmp_path
     assert str(b / "model.safetensors") in msg and "127.0.0.1" in msg and "worker on node" in msg
     assert "No such file" in msg and "same absolute paths" in msg and msg.count("127.0.0.1") == 1
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+    assert cancels == []
 
 
 @pytest.fixture(scope="module")
@@ -405,6 +420,46 @@ def test_ray_worker_killed_mid_merge_is_retried(cluster, big_models, tmp_path):
     else:
         assert rc == 2 and not (tmp_path / "ray").exists()
     assert leftovers(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_ray_tasks_stop_at_the_drivers_mark(cluster, big_models, tmp_path, monkeypatch):
+    """The driver stops running tasks by the mark in the temporary directory, not by ray.cancel: a task
+    that starts after the mark ends at once, and one that is writing ends within STOP_GRACE_S, with
+    _Stopped, its shards left for the driver to remove."""
+    import ray
+
+    from mergekit_fast.executors import ray as rx
+
+    a, b = big_models
+    plan = build_plan(parse_config(SLERP.format(a=a, b=b)))
+    opt = MergeOptions(out_shard_size=20 << 20, progress=False, backend="torch")
+    layout = ShardLayout.of(plan, opt.out_shard_size)
+    cancels = _record_cancels(monkeypatch)
+
+    def submit(tmp: Path, shards: list[int]):
+        return rx._write_shards_task.remote((plan, layout), shards, "cpu", str(tmp), opt, ("r", 0), None, {})
+
+    def stopped(ref) -> bool:
+        with pytest.raises(ray.exceptions.RayTaskError) as info:
+            ray.get(ref, timeout=60)
+        return isinstance(info.value.cause, rx._Stopped)
+
+    early = tmp_path / "early"
+    early.mkdir()
+    (early / rx.CANCEL_MARK).touch()
+    assert stopped(submit(early, [0])) and not list(early.glob("*.safetensors"))
+
+    tmp = tmp_path / "late"
+    tmp.mkdir()
+    ref = submit(tmp, list(range(len(layout.names))))
+    deadline = time.time() + 60
+    while not any(f.stat().st_size for f in tmp.glob("*.safetensors")) and time.time() < deadline:
+        time.sleep(0.01)
+    t0 = time.monotonic()
+    rx._cancel([ref], tmp)
+    assert time.monotonic() - t0 < rx.STOP_GRACE_S
+    assert stopped(ref) and cancels == []
 
 
 @pytest.mark.slow

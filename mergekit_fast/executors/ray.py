@@ -14,9 +14,13 @@ What runs where:
 A task whose worker dies (a crash, a lost node, a SIGKILL) is retried by Ray (``max_retries``); the
 retry writes its shards from scratch (``ShardWriter`` truncates). A task that raises (an unreadable
 input, a full disk) is not retried: its error, prefixed with the worker's node, fails the merge, the
-other tasks are cancelled, and nothing is left at OUT. The driver never rebuilds anything a worker
-decides: the plan, the shard layout, the device and the random seed (``engine.prepare_options``) are
-fixed before any task starts, so a shard's bytes are the same whichever worker writes it.
+other tasks are stopped, and nothing is left at OUT. The driver stops tasks by a mark in the temporary
+directory (``CANCEL_MARK``), which every task checks as it writes, and ``ray.cancel``s only a task
+that has not ended after ``STOP_GRACE_S``: Ray's cancel races with a task that is just ending, and
+that race aborts the driver process (ray-project/ray#54798, still seen with Ray 2.60). The driver
+never rebuilds anything a worker decides: the plan, the shard layout, the device and the random seed
+(``engine.prepare_options``) are fixed before any task starts, so a shard's bytes are the same
+whichever worker writes it.
 
 ``run_many`` runs whole independent merges as Ray tasks (``mergekit-fast merge-many``), one GPU or CPU
 slot each: every merge is planned and written by its task with the local executor, exactly as a single
@@ -47,6 +51,10 @@ log = logging.getLogger("mergekit_fast")
 REPORT_INTERVAL = 0.25
 # How long the driver waits for cancelled tasks to end before it removes the temporary directory.
 CANCEL_WAIT_S = 30.0
+# The file in the temporary directory that tells the tasks to stop, and how long they get to see it
+# before the driver cancels the rest through Ray.
+CANCEL_MARK = ".cancel"
+STOP_GRACE_S = 10.0
 _SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
 
 
@@ -147,16 +155,28 @@ def _check_visible(plan, tensors, tmp: Path) -> None:
         )
 
 
-class _Reporter:
-    """The engine's progress callback in a worker: the bytes this attempt has written, sent to the
-    driver's progress actor at most every REPORT_INTERVAL seconds (a retry starts a new attempt)."""
+class _Stopped(Exception):
+    """The driver asked this task to stop (``CANCEL_MARK``): another task failed, or the driver was
+    interrupted."""
 
-    def __init__(self, actor, task: tuple):
+
+class _Reporter:
+    """The engine's progress callback in a worker, called as bytes are written: at most every
+    REPORT_INTERVAL seconds it checks the driver's stop mark (raising ``_Stopped``, which unwinds the
+    engine like any write error) and sends the bytes this attempt has written to the driver's progress
+    actor, if there is one (a retry starts a new attempt)."""
+
+    def __init__(self, actor, task: tuple, tmp: Path):
         self.actor, self.task = actor, task
+        self.mark = tmp / CANCEL_MARK
         self.attempt = uuid.uuid4().hex
         self.total = 0
         self.sent = 0.0
         self.lock = threading.Lock()
+
+    def check(self) -> None:
+        if self.mark.exists():
+            raise _Stopped(f"{self.mark}: stopped by the driver")
 
     def __call__(self, n: int) -> None:
         with self.lock:
@@ -166,10 +186,13 @@ class _Reporter:
                 return
             self.sent = now
             total = self.total
-        self.actor.report.remote(self.task, self.attempt, total)
+        self.check()
+        if self.actor is not None:
+            self.actor.report.remote(self.task, self.attempt, total)
 
     def flush(self) -> None:
-        ray.get(self.actor.report.remote(self.task, self.attempt, self.total))
+        if self.actor is not None:
+            ray.get(self.actor.report.remote(self.task, self.attempt, self.total))
 
 
 def _worker_error(exc: BaseException, node: str) -> MergeError:
@@ -188,11 +211,11 @@ def _write_shards_task(payload, indices: list[int], device: str, tmp: str, opt, 
     try:
         _register(shipped)
         _check_visible(plan, [t for i in indices for t in layout.shards[i]], Path(tmp))
-        reporter = _Reporter(actor, task) if actor is not None else None
+        reporter = _Reporter(actor, task, Path(tmp))
+        reporter.check()  # a retry, or a task that started late, after the driver asked them to stop
         stats = write_shards(plan, layout, Path(tmp), opt, resolve_device(device), only=indices,
                              progress=reporter)  # fmt: skip
-        if reporter is not None:
-            reporter.flush()
+        reporter.flush()
         # The worker's peak RSS (over its process's life: Ray reuses workers, so an upper bound).
         stats.peak_rss = peak_rss_bytes()
         return stats
@@ -200,6 +223,8 @@ def _write_shards_task(payload, indices: list[int], device: str, tmp: str, opt, 
         if str(exc).startswith("worker on node "):
             raise
         raise _worker_error(exc, node) from None
+    except _Stopped:
+        raise
     except Exception as exc:  # noqa: BLE001 - named with the node, raised on the driver
         raise _worker_error(exc, node) from None
     finally:
@@ -240,18 +265,31 @@ def _raise_from(exc: BaseException) -> None:
     raise exc
 
 
-def _cancel(refs: list) -> None:
-    """Cancel every task that has not finished and wait (bounded) until they have ended, so that none
-    writes into the temporary directory after the driver removed it."""
-    for r in refs:
+def _wait(refs: list, timeout: float) -> list:
+    """The tasks of ``refs`` that have not ended within ``timeout`` seconds."""
+    try:
+        return ray.wait(refs, num_returns=len(refs), timeout=timeout)[1]
+    except Exception:  # noqa: BLE001 - the connection is gone
+        return []
+
+
+def _cancel(refs: list, tmp: Path | None = None) -> None:
+    """Stop every task that has not ended and wait (bounded) until they have, so that none writes into
+    the temporary directory after the driver removed it. With ``tmp``, the tasks are asked first, by
+    the stop mark, and only those still running after STOP_GRACE_S are cancelled through Ray."""
+    pending = _wait(refs, 0)
+    if tmp is not None and pending:
+        try:
+            (tmp / CANCEL_MARK).touch()
+        except OSError:
+            pass
+        pending = _wait(pending, STOP_GRACE_S)
+    for r in pending:
         try:
             ray.cancel(r, force=True)
         except Exception:  # noqa: BLE001 - an already finished task
             pass
-    try:
-        ray.wait(refs, num_returns=len(refs), timeout=CANCEL_WAIT_S)
-    except Exception:  # noqa: BLE001
-        pass
+    _wait(pending, CANCEL_WAIT_S)
 
 
 def _methods_of(plan) -> dict:
@@ -350,7 +388,7 @@ class RayExecutor(_Executor):
                         progress(total - shown)
                         shown = total
         except BaseException:
-            _cancel(refs)
+            _cancel(refs, Path(tmp))
             raise
         finally:
             if actor is not None:
