@@ -49,6 +49,13 @@ METHODS = {
                     {"weight": (0.6, 0.4, 0.3), "density": (0.5, 0.3, 0.4)}, lambda k: 2 * (k + 1) + 1),
     "dare_ties": ("random", "sum", {"normalize": True, "rescale": True},
                   {"weight": (0.6, 0.4, 0.3), "density": (0.5, 0.3, 0.4)}, lambda k: 2 * (k + 1) + 1),
+    # DELLA: per input, the rank pass reads base and input (2k arrays), then the combine's two passes
+    "della": ("della_magprune", "sum", {"normalize": True, "rescale": True},
+              {"weight": (0.6, 0.4, 0.3), "density": (0.5, 0.3, 0.4), "epsilon": (0.15, 0.1, 0.1)},
+              lambda k: 2 * k + 2 * (k + 1) + 1),
+    "della_linear": ("della_magprune", None, {"normalize": False, "rescale": True},
+                     {"weight": (0.6, 0.4, 0.3), "density": (0.5, 0.3, 0.4), "epsilon": (0.15, 0.1, 0.1)},
+                     lambda k: 2 * k + 2 * (k + 1) + 1),
     # the pointwise methods (csrc/combine/pointwise_cpu.cpp, through the method's compute); nearswap takes
     # the base and the first input only; ramplus_tl reads everything twice (its per-model counts first)
     "nearswap": (POINTWISE, None, {"t": 1e-3}, {}, lambda k: 3),

@@ -306,6 +306,16 @@ PYBIND11_MODULE(_C, m) {
       py::arg("modes"), py::arg("as_"), py::arg("bs"), py::arg("rules"), py::arg("bitmaps"),
       py::arg("threads") = 0);
   m.def(
+      "della_keep_cpu",
+      [](int dtype, int64_t n, int64_t cols, uintptr_t base, uintptr_t x, double density, double epsilon,
+         uint64_t seed, uint64_t hash, uintptr_t bitmap, int threads) {
+        py::gil_scoped_release nogil;
+        return mkf::della_keep_cpu(dtype, n, cols, ptr<const void>(base), ptr<const void>(x), density,
+                                   epsilon, seed, hash, ptr<uint64_t>(bitmap), threads);
+      },
+      py::arg("dtype"), py::arg("n"), py::arg("cols"), py::arg("base"), py::arg("x"), py::arg("density"),
+      py::arg("epsilon"), py::arg("seed"), py::arg("hash"), py::arg("bitmap"), py::arg("threads") = 0);
+  m.def(
       "ta_combine_cpu",
       [](int dtype, int64_t n, uintptr_t base, uintptr_t out, int64_t count, uintptr_t xs,
          uintptr_t masks, uintptr_t works, uintptr_t rules, uintptr_t bitmaps, uintptr_t thrs,

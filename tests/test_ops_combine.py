@@ -25,8 +25,10 @@ pytestmark = needs_native
 DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 NAME, SEED = "model.layers.0.mlp.up_proj.weight", 1234
 
-# (sparsification, consensus, method defaults): the six methods served natively
+# (sparsification, consensus, method defaults): the eight methods served natively
 METHODS = {
+    "della": ("della_magprune", "sum", dict(normalize=True, rescale=True)),
+    "della_linear": ("della_magprune", None, dict(normalize=False, rescale=True)),
     "task_arithmetic": (None, None, dict(normalize=False, rescale=False)),
     "ties": ("magnitude", "sum", dict(normalize=True, rescale=False)),
     "breadcrumbs": ("magnitude_outliers", None, dict(normalize=False, rescale=False)),
@@ -75,14 +77,29 @@ def params_for(method, k, **over):
     p["lambda"] = 1.0
     if sp == "magnitude_outliers":
         p["gamma"] = (0.05, 0.01, 0.1, 0.02)[:k]
+    if sp == "della_magprune":
+        p["epsilon"] = (0.15, 0.1, 0.13, -0.2)[:k]
     p.update(over)
     return p
 
 
+def served(method, base, xs, params) -> bool:
+    sp = METHODS[method][0]
+    tag = combine._native.dtype_tag(base.dtype)
+    return combine.native_plan(sp, params, base.numel(), len(xs), tag, tuple(base.shape)) is None
+
+
 def check(method, base, xs, params, threads=2):
+    """The kernels against the torch reference, bit for bit; where the kernels refuse the tensor (DELLA in
+    fp64, DELLA rows of one element), that they refuse it."""
     sp, cons, _ = METHODS[method]
     ctx = Context(name=NAME, seed=SEED, threads=threads)
-    ref = ta.merge([base, *xs], params, sp, cons, ctx, fast=False)
+    if not served(method, base, xs, params):
+        with pytest.raises(ValueError, match="ta_merge_cpu"):
+            combine.ta_merge_tensors(base, xs, params, sp, cons, name=NAME, seed=SEED, threads=threads)
+        return None
+    # (the reference's DELLA ranks fail on an empty tensor in torch's min(); the fast torch path returns it)
+    ref = ta.merge([base, *xs], params, sp, cons, ctx, fast=base.numel() == 0)
     got = combine.ta_merge_tensors(base, xs, params, sp, cons, name=NAME, seed=SEED, threads=threads)
     assert_bitwise(got, ref)
     return got
@@ -114,7 +131,7 @@ def test_input_counts_lambda_and_flags(method, k):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties", "dare_ties", "dare_linear"])
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties", "dare_ties", "dare_linear", "della"])
 def test_density_zero_one_and_beyond(method, dtype):
     base, xs = make(2049, 3, dtype, seed=3)
     for dens in [(0.0, 1.0, 0.5), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1.5, 0.999, 0.001)]:
@@ -134,7 +151,7 @@ def test_weights_summing_to_zero_and_rescale_edges():
 
 def test_threads_do_not_change_the_result():
     base, xs = make(300_001, 2, torch.bfloat16, "ties", seed=2)
-    for method in ("ties", "dare_ties", "breadcrumbs"):
+    for method in ("ties", "dare_ties", "breadcrumbs", "della"):
         one = check(method, base, xs, params_for(method, 2), threads=1)
         two = check(method, base, xs, params_for(method, 2), threads=2)
         assert torch.equal(bits(one), bits(two))
@@ -153,8 +170,47 @@ def test_draws_are_the_python_philox_words():
     assert torch.equal(got != 0, keep)
 
 
+# DELLA ranks along dim 1: rows of odd lengths, bf16's many ties, rows split across the threads at
+# bitmap words they share, one row, rows of two, and a 2-D tensor whose rows are 4096 long
+@pytest.mark.parametrize("dtype", DTYPES[:3], ids=str)
+@pytest.mark.parametrize("method", ["della", "della_linear"])
+@pytest.mark.parametrize("shape", [(37, 129), (3, 2), (1, 1000), (300, 777), (16, 4096)], ids=str)
+@pytest.mark.parametrize("kind", ["random", "ties", "nonfinite"])
+def test_della_rows_equal_the_torch_path(method, dtype, shape, kind):
+    n = shape[0] * shape[1]
+    base, xs = make(n, 3, dtype, kind, seed=shape[1])
+    base, xs = base.view(shape), [x.view(shape) for x in xs]
+    assert check(method, base, xs, params_for(method, 3)) is not None
+    check(
+        method,
+        base,
+        xs,
+        params_for(method, 3, density=(0.9, 0.2, 0.5), epsilon=(0.05, 0.15, -0.3), rescale=False),
+    )
+
+
+def test_della_keep_bits_are_the_torch_paths_draws():
+    """The keep bitmap itself against della_probabilities + _draw (the reference's masks)."""
+    shape = (41, 1031)
+    base, xs = make(shape[0] * shape[1], 1, torch.bfloat16, "ties", seed=4)
+    base, x = base.view(shape), xs[0].view(shape)
+    for density, eps in ((0.4, 0.15), (0.7, 0.1), (0.3, -0.2173)):
+        probs = ta.della_probabilities(x - base, density, eps, torch.bfloat16, NAME, fast=False)
+        keep = ta._draw(probs, SEED, NAME, 2, shape, "cpu", fast=False).reshape(-1)
+        words = combine.della_keep_cpu(2, base.numel(), shape[1], base.data_ptr(), x.data_ptr(), density, eps,
+                                       SEED, NAME, 2)  # fmt: skip
+        packed = torch.frombuffer(bytearray(words.tobytes()), dtype=torch.uint8)
+        got = ((packed.view(-1, 1) >> torch.arange(8, dtype=torch.uint8)) & 1).view(-1)[: base.numel()].bool()
+        assert torch.equal(got, keep)
+        assert 0 < int(keep.sum()) < keep.numel()
+
+
 def test_native_plan_refuses_what_it_does_not_serve():
-    assert combine.native_plan("della_magprune", {}, 10, 2, 2) is not None
+    assert combine.native_plan("della_magprune", {}, 10, 2, 3) is not None  # fp64 ranks
+    assert combine.native_plan("della_magprune", {}, 24, 2, 2, (2, 3, 4)) is not None  # strided rows
+    assert combine.native_plan("della_magprune", {}, 3, 2, 2, (3, 1)) is not None  # rows of one
+    assert combine.native_plan("della_magprune", {}, 12, 2, 2, (3, 4)) is None
+    assert combine.native_plan("della_magprune", {}, 10, 2, 1) is None
     assert combine.native_plan("random", {"precise_sparsify": True}, 10, 2, 2) is not None
     assert combine.native_plan("magnitude", {}, 10, 5, 2) is not None
     assert combine.native_plan("magnitude", {}, 10, 2, None) is not None
@@ -238,6 +294,8 @@ ENGINE = {
     "breadcrumbs_ties": "{density: 0.8, gamma: 0.05, weight: 0.6}|{density: 0.6, weight: 0.4}",
     "dare_ties": "{density: 0.5, weight: 0.6}|{density: 0.3, weight: 0.4}",
     "dare_linear": "{density: 0.7, weight: 0.6}|{density: 0.4, weight: 0.4}",
+    "della": "{density: 0.5, weight: 0.6, epsilon: 0.1}|{density: 0.4, weight: 0.4}",
+    "della_linear": "{density: 0.7, weight: 0.6}|{density: 0.4, weight: 0.4, epsilon: 0.2}",
 }
 
 
@@ -276,6 +334,10 @@ for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
         base, xs = make(20_011, 3, dtype, "ties" if dtype == torch.bfloat16 else "random", seed=1)
         p = params_for(method, 3, rescale=dtype != torch.float64, **{"lambda": 0.9})
         sp, cons, _ = METHODS[method]
+        if sp == "della_magprune":
+            if dtype == torch.float64:
+                continue  # not served natively
+            base, xs = base[:20_000].view(40, 500), [x[:20_000].view(40, 500) for x in xs]
         ref = ta.merge([base, *xs], p, sp, cons, Context(name=NAME, seed=SEED, threads=2), fast=False)
         got = combine.ta_merge_tensors(base, xs, p, sp, cons, name=NAME, seed=SEED)
         assert torch.equal(bits(got), bits(ref)), (dtype, method)

@@ -89,7 +89,8 @@ MKF_HD A ta_sign(A x) {
 // DELLA's keep probability of rank r (0-based) in a row of len elements, mergekit's arithmetic in
 // the work dtype W: ranks + 1, normalised by (max - min) of the row ranks, clamped, then
 // (density - epsilon) + rank_norm * 2 * epsilon. RW rounds a value to W (A = float or double);
-// dme = W-opmath(density - epsilon), eps = W-opmath(epsilon).
+// dme = rW(fp32(density - epsilon)) (torch converts the scalar of an add to the tensor's dtype),
+// eps = fp32(epsilon) (the scalar of a mul stays in the fp32 opmath).
 template <typename A, typename RW>
 MKF_HD A della_prob(int64_t r, int64_t len, A dme, A eps, RW rw) {
   A one = A(1);

@@ -1,5 +1,6 @@
 // The select op: exact magnitude selections of the task-arithmetic family (TIES' top-k,
-// breadcrumbs' two-sided cut), as a threshold rule plus a tie bitmap (common/ta_math.h).
+// breadcrumbs' two-sided cut), as a threshold rule plus a tie bitmap (common/ta_math.h), and
+// DELLA's per-row magnitude ranks, drawn into a keep bitmap.
 //
 // The element keys are ta_key(|rD(x - base)|) (the deltas are never stored). The order is the
 // one mergekit 0.1.5's CPU torch.sort leaves: libstdc++'s introsort over (key, index) pairs.
@@ -27,7 +28,16 @@ enum TaSelectMode : int32_t { kSelectTop = 0, kSelectRange = 1 };
   /* when n >= 2^31 (not supported). */                                                          \
   int64_t ta_select_cpu(int dtype, int64_t n, const void* base, int64_t count,                  \
                         const uint64_t* xs, const int32_t* modes, const int64_t* as,             \
-                        const int64_t* bs, uint32_t* rules, uint64_t* bitmaps, int threads)
+                        const int64_t* bs, uint32_t* rules, uint64_t* bitmaps, int threads);     \
+  /* DELLA's keep bits of one input x (same dtype and n as base; not fp64): in each row of */     \
+  /* `cols` elements (n / cols rows), the ranks of |rD(x - base)| in the order of torch's CPU */  \
+  /* argsort along the row (std::sort over (key, index) pairs: libstdc++'s introsort), the */     \
+  /* keep probability della_prob of each rank in the work dtype (bf16 for bf16, else fp32), */    \
+  /* and the Philox draw (word >> 8) < ceil(p * 2^24) of the stream (seed, hash). Writes */       \
+  /* (n + 63) / 64 words of bitmap (bit j: element j kept). Returns the number kept. */          \
+  int64_t della_keep_cpu(int dtype, int64_t n, int64_t cols, const void* base, const void* x,    \
+                         double density, double epsilon, uint64_t seed, uint64_t hash,            \
+                         uint64_t* bitmap, int threads)
 MKF_SELECT_CPU_API;
 MKF_DECLARE_PER_ISA(MKF_SELECT_CPU_API)
 

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <memory>
 #include <stdexcept>
@@ -17,6 +18,7 @@
 
 #include "common/dtype.h"
 #include "common/parallel.h"
+#include "common/philox.h"
 #include "common/ta_math.h"
 
 namespace mkf::MKF_ISA_NS {
@@ -413,7 +415,82 @@ int64_t select_impl(int64_t n, const void* base_, int64_t count, const uint64_t*
   return used;
 }
 
+// ---- DELLA: per-row ranks, keep probabilities, draws
+
+template <typename F>
+int64_t della_impl(int64_t n, int64_t cols, const void* base_, const void* x_, double density,
+                   double epsilon, uint64_t seed, uint64_t hash, uint64_t* bitmap, int threads) {
+  using S = typename F::storage;
+  if (cols < 1 || n % cols != 0) throw std::invalid_argument("della_keep_cpu: n must be a multiple of cols");
+  if (cols >= (int64_t{1} << 31)) throw std::invalid_argument("della_keep_cpu: rows of 2^31 elements or more");
+  const S* base = static_cast<const S*>(base_);
+  const S* x = static_cast<const S*>(x_);
+  const int64_t words = (n + 63) / 64;
+  for (int64_t w = 0; w < words; ++w) bitmap[w] = 0;
+  if (n == 0) return 0;
+  // The threshold of each rank: every row holds the ranks 0 .. cols - 1, so p depends on the rank
+  // alone. The Python scalars as torch takes them: density - epsilon (computed in fp64), the scalar
+  // of an add, converted to the work dtype (through fp32); epsilon, the scalar of a mul, to fp32.
+  constexpr bool kBf16Work = std::is_same_v<F, HostBF16>;
+  auto rw = [](float v) { return kBf16Work ? HostBF16::round(v) : v; };
+  const float dme = rw(static_cast<float>(density - epsilon)), eps = static_cast<float>(epsilon);
+  std::unique_ptr<uint32_t[]> thr(new uint32_t[cols]);
+  for (int64_t r = 0; r < cols; ++r) {
+    const float p = della_prob<float>(r, cols, dme, eps, rw);
+    // u = (word >> 8) * 2^-24 < p  <=>  (word >> 8) < ceil(p * 2^24)
+    const double t = std::ceil(static_cast<double>(p) * 16777216.0);
+    thr[r] = t <= 0 ? 0u : (t >= 16777216.0 ? 16777216u : static_cast<uint32_t>(t));
+  }
+  const PhiloxStream ps = philox_stream(seed, hash);
+  const int64_t rows = n / cols;
+  std::atomic<int64_t> kept{0};
+  parallel_for(rows, n >= kParallelMin ? threads : 1, [&](int64_t lo, int64_t hi) {
+    std::unique_ptr<uint64_t[]> pairs(new uint64_t[cols]);
+    std::unique_ptr<uint32_t[]> word(new uint32_t[cols]);
+    std::unique_ptr<uint64_t[]> bits(new uint64_t[cols / 64 + 2]);
+    int64_t mine = 0;
+    for (int64_t row = lo; row < hi; ++row) {
+      const int64_t j0 = row * cols;
+      // (key, index) pairs in index order, as torch's sort starts, compared by the key alone: std::sort
+      // then makes the comparisons and moves of torch's sort, hence its permutation
+      for (int64_t t = 0; t < cols; ++t)
+        pairs[t] = (static_cast<uint64_t>(key_at<F>(x, base, j0 + t)) << 32) | static_cast<uint64_t>(t);
+      std::sort(pairs.get(), pairs.get() + cols, [](uint64_t a, uint64_t b) { return (a >> 32) < (b >> 32); });
+      for (int64_t t = 0; t < cols; ++t) word[t] = ps.word(static_cast<uint64_t>(j0 + t)) >> 8;
+      // the row's bits, then OR-ed into the bitmap word by word (a row's first and last words may be
+      // shared with rows of other threads)
+      const int64_t w0 = j0 >> 6, w1 = (j0 + cols - 1) >> 6;
+      for (int64_t w = 0; w <= w1 - w0; ++w) bits[w] = 0;
+      for (int64_t s = 0; s < cols; ++s) {
+        const int64_t t = static_cast<int64_t>(pairs[s] & 0xffffffffu);
+        if (word[t] < thr[s]) {
+          const int64_t j = j0 + t;
+          bits[(j >> 6) - w0] |= uint64_t{1} << (j & 63);
+          ++mine;
+        }
+      }
+      for (int64_t w = 0; w <= w1 - w0; ++w)
+        if (bits[w] != 0) __atomic_fetch_or(&bitmap[w0 + w], bits[w], __ATOMIC_RELAXED);
+    }
+    kept.fetch_add(mine, std::memory_order_relaxed);
+  });
+  return kept.load();
+}
+
 }  // namespace
+
+int64_t della_keep_cpu(int dtype, int64_t n, int64_t cols, const void* base, const void* x, double density,
+                       double epsilon, uint64_t seed, uint64_t hash, uint64_t* bitmap, int threads) {
+  threads = default_threads(threads);
+  int64_t r = 0;
+  host_by_dtype(dtype, "della_keep_cpu", [&](auto f) {
+    if constexpr (std::is_same_v<decltype(f), HostF64>)
+      throw std::invalid_argument("della_keep_cpu: fp64 is not supported (its ranks sort fp64 magnitudes)");
+    else
+      r = della_impl<decltype(f)>(n, cols, base, x, density, epsilon, seed, hash, bitmap, threads);
+  });
+  return r;
+}
 
 int64_t ta_select_cpu(int dtype, int64_t n, const void* base, int64_t count, const uint64_t* xs,
                       const int32_t* modes, const int64_t* as, const int64_t* bs, uint32_t* rules,
@@ -436,6 +513,11 @@ int64_t ta_select_cpu(int dtype, int64_t n, const void* base, int64_t count, con
                       const int32_t* modes, const int64_t* as, const int64_t* bs, uint32_t* rules,
                       uint64_t* bitmaps, int threads) {
   MKF_CPU_DISPATCH(ta_select_cpu, dtype, n, base, count, xs, modes, as, bs, rules, bitmaps, threads);
+}
+
+int64_t della_keep_cpu(int dtype, int64_t n, int64_t cols, const void* base, const void* x, double density,
+                       double epsilon, uint64_t seed, uint64_t hash, uint64_t* bitmap, int threads) {
+  MKF_CPU_DISPATCH(della_keep_cpu, dtype, n, cols, base, x, density, epsilon, seed, hash, bitmap, threads);
 }
 
 }  // namespace mkf

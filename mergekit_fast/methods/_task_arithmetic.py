@@ -193,7 +193,7 @@ class TaskArithmeticFamily(MergeMethod):
 
         n = math.prod(tensor.shape)
         why = native_plan(self.sparsification, dict(tensor.params), n, len(tensor.inputs) - 1,
-                          tensor.in_dtype.native)  # fmt: skip
+                          tensor.in_dtype.native, tuple(tensor.shape))  # fmt: skip
         return why is None
 
     def native_cpu(self, tensors, inputs, outs, threads, seed=None):
@@ -204,7 +204,7 @@ class TaskArithmeticFamily(MergeMethod):
         for t, ins, out in zip(tensors, inputs, outs):
             flags.append(ta_merge_cpu(t.in_dtype.native, math.prod(t.shape), ins[0], list(ins[1:]), out,
                                       dict(t.params), self.sparsification, self.consensus, name=t.name,
-                                      seed=seed, threads=threads))  # fmt: skip
+                                      seed=seed, threads=threads, shape=tuple(t.shape)))  # fmt: skip
         return flags
 
     def verify_scale(self, inputs, params):

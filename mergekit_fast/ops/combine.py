@@ -1,9 +1,11 @@
 """The combine op: ``base + lambda * sum_i w_i * mask_i * (x_i - base) / divisor``, native on the CPU.
 
 ``ta_merge_cpu`` runs one output tensor of the task-arithmetic family (task_arithmetic, ties, dare_ties,
-dare_linear, breadcrumbs, breadcrumbs_ties) by address, with no torch: the masks are built inside the
-kernel (select's threshold rules and tie bitmaps, ``ops/select.py``; the Philox Bernoulli draws of
-``methods/rng.py``, bit for bit), then mergekit's L1 rescale, the sign election and the normalisation,
+dare_linear, breadcrumbs, breadcrumbs_ties, della, della_linear) by address, with no torch: the masks are
+built inside the kernel (select's threshold rules and tie bitmaps, ``ops/select.py``; the Philox
+Bernoulli draws of ``methods/rng.py``, bit for bit; DELLA's keep bitmaps, ``della_keep_cpu``: per-row
+ranks in the order of torch's CPU argsort, one std::sort per row, each rank's keep probability in the
+work dtype, and the draws), then mergekit's L1 rescale, the sign election and the normalisation,
 every step rounded to the input dtype where torch rounds (csrc/common/ta_math.h). ``linear_cpu`` is
 mergekit's linear merge (fp32 accumulation). The reference is the methods' torch path
 (``methods/_task_arithmetic.merge``, ``methods/linear.Linear.compute``): the kernels equal it bit for
@@ -13,7 +15,8 @@ work dtype only when the norm sits on a rounding boundary (probability about 2^-
 none seen in the tests; bf16/fp16 block sums are exact in fp64 whatever the order for all but extreme
 magnitude ranges).
 
-Not served natively (``native_plan`` says why, and the torch path runs): DELLA, precise_sparsify, more
+Not served natively (``native_plan`` says why, and the torch path runs): DELLA in fp64 (its ranks sort
+fp64 magnitudes) or on tensors of more than 2 dims (strided rows), precise_sparsify, more
 than ``MAX_INPUTS`` non-base models, tensors of 2^31 elements or more with a magnitude selection, and
 fp64 tensors of ties/breadcrumbs with rescale (the factor is fp64 there, so the order of torch's fp64
 block sums shows). NaN outputs are NaN where torch's are, but their sign and payload bits are not
@@ -43,6 +46,7 @@ MAX_INPUTS = 4
 LINEAR_MAX_INPUTS = 8  # csrc/combine/combine.h kCombineMaxInputs
 
 _BF16, _F16, _F32, _F64 = 2, 1, 0, 3  # mkf::DType tags
+DELLA = "della_magprune"
 
 
 def _f32(x: float) -> float:
@@ -69,16 +73,36 @@ def draw_key(density: float, bf16: bool, name: str, i: int) -> tuple[int, int]:
     return math.ceil(_f32(p) * 2.0**24), rng.stream_hash(name, i)
 
 
-def native_plan(sparsification: str | None, params: dict, n: int, count: int, tag: int | None):
-    """Whether the kernels serve this tensor (see the module docstring); a reason string when not."""
+def della_cols(shape) -> int | None:
+    """The row length of DELLA's ranks (dim 1; a tensor of fewer than 2 dims is one row), or None where
+    the kernel does not serve the shape (more than 2 dims: the rows are strided)."""
+    shape = tuple(shape)
+    if len(shape) > 2:
+        return None
+    return shape[1] if len(shape) == 2 else math.prod(shape)
+
+
+def native_plan(sparsification: str | None, params: dict, n: int, count: int, tag: int | None, shape=None):
+    """Whether the kernels serve this tensor (see the module docstring); a reason string when not.
+    ``shape``: the tensor's shape (DELLA's rows; default: one row of n elements)."""
     if tag is None:
         return "dtype without native kernels"
     if not 1 <= count <= MAX_INPUTS:
         return f"{count} non-base models (the kernel sums up to {MAX_INPUTS} in torch's order)"
-    if sparsification not in (None, "magnitude", "magnitude_outliers", "random"):
+    if sparsification not in (None, "magnitude", "magnitude_outliers", "random", DELLA):
         return f"sparsification {sparsification} has no native kernel"
     if params.get("precise_sparsify"):
         return "precise_sparsify has no native kernel"
+    if sparsification == DELLA:
+        cols = della_cols((n,) if shape is None else shape)
+        if tag == _F64:
+            return "fp64 DELLA (its ranks sort fp64 magnitudes)"
+        if cols is None:
+            return "DELLA ranks of a tensor of more than 2 dims"
+        if cols < 2 and n:
+            return "DELLA rows of one element (the torch path names the error)"
+        if cols >= 1 << 31:
+            return "DELLA rows of 2^31 elements or more"
     if sparsification in ("magnitude", "magnitude_outliers") and n > _select.MAX_NUMEL:
         return "more than 2^31 elements"
     if tag == _F64 and params.get("rescale") and sparsification in ("magnitude", "magnitude_outliers"):
@@ -90,12 +114,13 @@ def native_plan(sparsification: str | None, params: dict, n: int, count: int, ta
 
 def ta_merge_cpu(tag: int, n: int, base: int, xs: list[int], out: int, params: dict,
                  sparsification: str | None, consensus: str | None, *, name: str = "",
-                 seed: int | None = None, threads: int = 0) -> bool:  # fmt: skip
+                 seed: int | None = None, threads: int = 0, shape=None) -> bool:  # fmt: skip
     """One tensor of the task-arithmetic family: ``base`` and the non-base inputs ``xs`` (addresses of n
     elements of dtype ``tag``) into ``out``; ``params`` as the method's planned parameters (per non-base
-    tuples). Returns whether every output element is finite."""
+    tuples); ``shape`` the tensor's (DELLA ranks along dim 1; default one row). Returns whether every
+    output element is finite."""
     count = len(xs)
-    why = native_plan(sparsification, params, n, count, tag)
+    why = native_plan(sparsification, params, n, count, tag, shape)
     if why is not None:
         raise ValueError(f"ta_merge_cpu: {why}")
     if n == 0:
@@ -103,6 +128,7 @@ def ta_merge_cpu(tag: int, n: int, base: int, xs: list[int], out: int, params: d
     densities = [float(d) for d in params.get("density", (1.0,) * count)]
     masks, works, thrs, hashes = [MASK_ALL] * count, [WORK_D] * count, [0] * count, [0] * count
     sel_idx, modes, sa, sb = [], [], [], []
+    della_bits: dict[int, array] = {}  # DELLA's keep bitmaps by input, alive until the combine has run
     for i, density in enumerate(densities):
         if sparsification is None or density >= 1:
             continue
@@ -125,14 +151,23 @@ def ta_merge_cpu(tag: int, n: int, base: int, xs: list[int], out: int, params: d
             modes.append(_select.SELECT_RANGE)
             sa.append(start)
             sb.append(stop)
-        else:  # random
+        else:  # random, della
             if seed is None:
                 raise ValueError(f"{name}: a random merge method needs a seed (the engine always passes one)")
-            masks[i] = MASK_RANDOM
             works[i] = {_BF16: WORK_D, _F32: WORK_D, _F16: WORK_C, _F64: WORK_32}[tag]
-            thrs[i], hashes[i] = draw_key(density, tag == _BF16, name, i)
+            if sparsification == "random":
+                masks[i] = MASK_RANDOM
+                thrs[i], hashes[i] = draw_key(density, tag == _BF16, name, i)
+            elif density <= 0:
+                masks[i] = MASK_ZERO
+            else:
+                masks[i] = MASK_BITMAP
+                della_bits[i] = della_keep_cpu(tag, n, della_cols((n,) if shape is None else shape), base, xs[i],
+                                               density, float(params["epsilon"][i]), seed, name, i, threads)  # fmt: skip
     rules = [(0, 0, 0)] * count
     bitmaps = [0] * count
+    for i, bits in della_bits.items():
+        bitmaps[i] = bits.buffer_info()[0]
     keep = None
     if sel_idx:
         sel = _select.ta_select_cpu(tag, n, base, [xs[i] for i in sel_idx], modes, sa, sb, threads)
@@ -156,8 +191,23 @@ def ta_merge_cpu(tag: int, n: int, base: int, xs: list[int], out: int, params: d
         int(bool(params.get("normalize"))), int(bool(params.get("rescale"))), float(params.get("lambda", 1.0)),
         threads,
     )  # fmt: skip
-    del keep
+    del keep, della_bits
     return bool(ok)
+
+
+def della_keep_cpu(tag: int, n: int, cols: int, base: int, x: int, density: float, epsilon: float, seed: int,
+                   name: str, stream: int, threads: int = 0) -> array:  # fmt: skip
+    """DELLA's keep bitmap of one input (addresses of n elements of dtype ``tag``, rows of ``cols``): bit j
+    set where mergekit 0.1.5's della_magprune keeps element j, with the Philox draws of stream
+    (``seed``, ``name``, ``stream``) (methods/_task_arithmetic.py, ``della_probabilities`` and ``_draw``)."""
+    from mergekit_fast.methods import rng
+
+    bits = array("Q", bytes(8 * ((n + 63) // 64)))
+    if n:
+        _native.C.della_keep_cpu(tag, n, cols, base, x, float(density), float(epsilon),
+                                 int(seed) & 0xFFFFFFFFFFFFFFFF, rng.stream_hash(name, stream), bits.buffer_info()[0],
+                                 threads)  # fmt: skip
+    return bits
 
 
 def linear_cpu(tag: int, n: int, xs: list[int], out: int, weights, normalize: bool, threads: int = 0) -> bool:
@@ -185,7 +235,8 @@ def ta_merge_tensors(base, others, params: dict, sparsification, consensus, *, n
     others = [o.contiguous() for o in others]
     out = torch.empty_like(base) if out is None else out
     ta_merge_cpu(_native.dtype_tag(base.dtype), base.numel(), base.data_ptr(), [o.data_ptr() for o in others],
-                 out.data_ptr(), params, sparsification, consensus, name=name, seed=seed, threads=threads)  # fmt: skip
+                 out.data_ptr(), params, sparsification, consensus, name=name, seed=seed, threads=threads,
+                 shape=tuple(base.shape))  # fmt: skip
     return out
 
 
@@ -275,7 +326,8 @@ def ta_merge(base, others, params: dict, sparsification: str | None = None, cons
     count = len(others)
     why = None
     if name_b == "cpp":
-        why = native_plan(sparsification, params, base.numel(), count, _native.dtype_tag(base.dtype))
+        why = native_plan(sparsification, params, base.numel(), count, _native.dtype_tag(base.dtype),
+                          tuple(base.shape))  # fmt: skip
     elif name_b == "triton":
         why = triton_plan(sparsification, params, count, base.dtype)
     if why is not None:
