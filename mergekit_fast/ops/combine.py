@@ -162,8 +162,11 @@ def ta_merge_cpu(tag: int, n: int, base: int, xs: list[int], out: int, params: d
                 masks[i] = MASK_ZERO
             else:
                 masks[i] = MASK_BITMAP
-                della_bits[i] = della_keep_cpu(tag, n, della_cols((n,) if shape is None else shape), base, xs[i],
-                                               density, float(params["epsilon"][i]), seed, name, i, threads)  # fmt: skip
+                cols = della_cols((n,) if shape is None else shape)
+                eps = float(params["epsilon"][i])
+                della_bits[i] = della_keep_cpu(
+                    tag, n, cols, base, xs[i], density, eps, seed, name, i, threads
+                )
     rules = [(0, 0, 0)] * count
     bitmaps = [0] * count
     for i, bits in della_bits.items():
