@@ -26,6 +26,7 @@ namespace mkf::MKF_ISA_NS {
 namespace {
 
 #include "common/host_formats.h"
+#include "common/philox_lanes.h"
 
 constexpr int64_t kBlock = 1 << 14;  // elements per parallel task
 constexpr int64_t kParallelMin = 1 << 18;
@@ -106,46 +107,16 @@ inline void delta_block(const In<F>& in, const typename F::A* bv, int64_t j0, in
 }
 
 // The Bernoulli keeps of elements [j0, j0 + m) (j0 a multiple of 4: whole Philox blocks, four words
-// each): common/philox.h's Philox4x32-10, computed for kLanes blocks at a time in lane arrays, so
-// that every round is one vectorised loop of 32 x 32 -> 64-bit products.
+// each), kChunk blocks of common/philox_lanes.h's words at a time.
 inline void philox_keep(const PhiloxStream& ps, uint32_t thr, int64_t j0, int64_t m, uint8_t* keep) {
-  constexpr int kLanes = 16;
+  constexpr int64_t kChunk = 64;
   const uint64_t b0 = static_cast<uint64_t>(j0) >> 2;
   const int64_t nb = (m + 3) >> 2;
-  for (int64_t q0 = 0; q0 < nb; q0 += kLanes) {
-    // 64-bit lanes holding 32-bit values: the products are the vectorisable 32 x 32 -> 64 kind
-    uint64_t c0[kLanes], c1[kLanes], c2[kLanes], c3[kLanes];
-    for (int l = 0; l < kLanes; ++l) {
-      const uint64_t b = b0 + static_cast<uint64_t>(q0 + l);
-      c0[l] = b & 0xffffffffu;
-      c1[l] = b >> 32;
-      c2[l] = ps.h0;
-      c3[l] = ps.h1;
-    }
-    uint64_t k0 = ps.k0, k1 = ps.k1;
-    for (int r = 0; r < 10; ++r) {
-      for (int l = 0; l < kLanes; ++l) {
-        const uint64_t p0 = (c0[l] & 0xffffffffu) * uint64_t{0xD2511F53u};
-        const uint64_t p1 = (c2[l] & 0xffffffffu) * uint64_t{0xCD9E8D57u};
-        const uint64_t n0 = ((p1 >> 32) ^ c1[l] ^ k0) & 0xffffffffu;
-        const uint64_t n2 = ((p0 >> 32) ^ c3[l] ^ k1) & 0xffffffffu;
-        c0[l] = n0;
-        c1[l] = p1 & 0xffffffffu;
-        c2[l] = n2;
-        c3[l] = p0 & 0xffffffffu;
-      }
-      k0 = (k0 + 0x9E3779B9u) & 0xffffffffu;
-      k1 = (k1 + 0xBB67AE85u) & 0xffffffffu;
-    }
-    uint8_t kp[4 * kLanes];
-    for (int l = 0; l < kLanes; ++l) {
-      kp[4 * l] = static_cast<uint8_t>(ta_draw_keep(static_cast<uint32_t>(c0[l]), thr));
-      kp[4 * l + 1] = static_cast<uint8_t>(ta_draw_keep(static_cast<uint32_t>(c1[l]), thr));
-      kp[4 * l + 2] = static_cast<uint8_t>(ta_draw_keep(static_cast<uint32_t>(c2[l]), thr));
-      kp[4 * l + 3] = static_cast<uint8_t>(ta_draw_keep(static_cast<uint32_t>(c3[l]), thr));
-    }
-    const int64_t t0 = 4 * q0, te = std::min<int64_t>(m, t0 + 4 * kLanes);
-    for (int64_t t = t0; t < te; ++t) keep[t] = kp[t - t0];
+  uint32_t w[4 * kChunk];
+  for (int64_t q0 = 0; q0 < nb; q0 += kChunk) {
+    philox_words(ps, b0 + static_cast<uint64_t>(q0), std::min<int64_t>(kChunk, nb - q0), w);
+    const int64_t t0 = 4 * q0, te = std::min<int64_t>(m, t0 + 4 * kChunk);
+    for (int64_t t = t0; t < te; ++t) keep[t] = static_cast<uint8_t>(ta_draw_keep(w[t - t0], thr));
   }
 }
 

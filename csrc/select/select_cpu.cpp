@@ -25,6 +25,7 @@ namespace mkf::MKF_ISA_NS {
 namespace {
 
 #include "common/host_formats.h"
+#include "common/philox_lanes.h"
 
 constexpr int64_t kParallelMin = 1 << 18;
 constexpr int64_t kInsertion = 16;  // libstdc++'s _S_threshold
@@ -446,7 +447,8 @@ int64_t della_impl(int64_t n, int64_t cols, const void* base_, const void* x_, d
   std::atomic<int64_t> kept{0};
   parallel_for(rows, n >= kParallelMin ? threads : 1, [&](int64_t lo, int64_t hi) {
     std::unique_ptr<uint64_t[]> pairs(new uint64_t[cols]);
-    std::unique_ptr<uint32_t[]> word(new uint32_t[cols]);
+    // the row's Philox words: its whole blocks, from the block of its first element
+    std::unique_ptr<uint32_t[]> word(new uint32_t[cols + 8]);
     std::unique_ptr<uint64_t[]> bits(new uint64_t[cols / 64 + 2]);
     int64_t mine = 0;
     for (int64_t row = lo; row < hi; ++row) {
@@ -456,14 +458,16 @@ int64_t della_impl(int64_t n, int64_t cols, const void* base_, const void* x_, d
       for (int64_t t = 0; t < cols; ++t)
         pairs[t] = (static_cast<uint64_t>(key_at<F>(x, base, j0 + t)) << 32) | static_cast<uint64_t>(t);
       std::sort(pairs.get(), pairs.get() + cols, [](uint64_t a, uint64_t b) { return (a >> 32) < (b >> 32); });
-      for (int64_t t = 0; t < cols; ++t) word[t] = ps.word(static_cast<uint64_t>(j0 + t)) >> 8;
+      const int64_t b0 = j0 >> 2, nb = ((j0 + cols - 1) >> 2) - b0 + 1;
+      philox_words(ps, static_cast<uint64_t>(b0), nb, word.get());
+      const uint32_t* wj = word.get() + (j0 & 3);  // wj[t]: word j0 + t
       // the row's bits, then OR-ed into the bitmap word by word (a row's first and last words may be
       // shared with rows of other threads)
       const int64_t w0 = j0 >> 6, w1 = (j0 + cols - 1) >> 6;
       for (int64_t w = 0; w <= w1 - w0; ++w) bits[w] = 0;
       for (int64_t s = 0; s < cols; ++s) {
         const int64_t t = static_cast<int64_t>(pairs[s] & 0xffffffffu);
-        if (word[t] < thr[s]) {
+        if (ta_draw_keep(wj[t], thr[s])) {
           const int64_t j = j0 + t;
           bits[(j >> 6) - w0] |= uint64_t{1} << (j & 63);
           ++mine;
