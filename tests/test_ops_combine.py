@@ -205,6 +205,33 @@ def test_della_keep_bits_are_the_torch_paths_draws():
         assert 0 < int(keep.sum()) < keep.numel()
 
 
+def _row_patterns(cols: int) -> torch.Tensor:
+    """Rows that steer an introsort into its corners: sorted, reversed, all equal, organ pipe, few
+    distinct values, a sawtooth and runs, each in rows long enough for the block partition."""
+    i = torch.arange(cols, dtype=torch.float64)
+    g = torch.Generator().manual_seed(cols)
+    rows = [i, cols - i, torch.ones(cols), torch.minimum(i, cols - i), i % 3, i % 257, (i // 64) % 5,
+            torch.randint(0, 4, (cols,), generator=g).double()]  # fmt: skip
+    return torch.stack(rows) * torch.where(i % 2 == 0, 1.0, -1.0)  # the sign never counts: |delta| is the key
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("cols", [300, 5003])
+def test_della_keep_bits_on_adversarial_rows(dtype, cols):
+    """Ranks are torch.argsort's, ties included, on rows built to reach the partition's block loop, its
+    scalar tail and the insertion sort with long tie groups: the keep bits against the torch path's."""
+    x = _row_patterns(cols).to(dtype).contiguous()
+    base = torch.zeros_like(x)
+    for density, eps in ((0.5, 0.2), (0.8, -0.1)):
+        probs = ta.della_probabilities(x - base, density, eps, dtype, NAME, fast=False)
+        keep = ta._draw(probs, SEED, NAME, 1, x.shape, "cpu", fast=False).reshape(-1)
+        words = combine.della_keep_cpu(combine._native.dtype_tag(dtype), x.numel(), cols, base.data_ptr(),
+                                       x.data_ptr(), density, eps, SEED, NAME, 1)  # fmt: skip
+        packed = torch.frombuffer(bytearray(words.tobytes()), dtype=torch.uint8)
+        got = ((packed.view(-1, 1) >> torch.arange(8, dtype=torch.uint8)) & 1).view(-1)[: x.numel()].bool()
+        assert torch.equal(got, keep)
+
+
 def test_native_plan_refuses_what_it_does_not_serve():
     assert combine.native_plan("della_magprune", {}, 10, 2, 3) is not None  # fp64 ranks
     assert combine.native_plan("della_magprune", {}, 24, 2, 2, (2, 3, 4)) is not None  # strided rows

@@ -134,12 +134,15 @@ inline bool comp_key(uint32_t a, uint32_t b) {
   return Desc ? a > b : a < b;
 }
 
-template <bool Desc>
-void insertion_sort(const Words& W, uint32_t* f, uint32_t* e) {  // stable, as libstdc++'s __insertion_sort
-  for (uint32_t* i = f + 1; i < e; ++i) {
-    const uint32_t v = *i, kv = W.key(v);
-    uint32_t* j = i;
-    while (j > f && comp_key<Desc>(kv, W.key(*(j - 1)))) {
+// The sort below runs on elements of any type T whose key(T) is the 32-bit key: select's Words, or
+// della's (key << 32 | index) pairs.
+template <bool Desc, typename T, typename Key>
+void insertion_sort(const Key& key, T* f, T* e) {  // stable, as libstdc++'s __insertion_sort
+  for (T* i = f + 1; i < e; ++i) {
+    const T v = *i;
+    const uint32_t kv = key(v);
+    T* j = i;
+    while (j > f && comp_key<Desc>(kv, key(*(j - 1)))) {
       *j = *(j - 1);
       --j;
     }
@@ -156,10 +159,10 @@ void insertion_sort(const Words& W, uint32_t* f, uint32_t* e) {  // stable, as l
 // before every right stop found, so the pairs of the blocks' stops are exactly Hoare's next swaps.
 // The last stretch runs the scalar loop from the state Hoare's loop has after the same swaps (stops
 // found but not yet paired are unswapped, so the scalar scans find them again). Returns the cut.
-template <bool Desc>
-int64_t unguarded_partition(const Words& W, uint32_t* a, int64_t f, int64_t e) {
+template <bool Desc, typename T, typename Key>
+int64_t unguarded_partition(const Key& key, T* a, int64_t f, int64_t e) {
   constexpr int kB = 256;
-  const uint32_t pk = W.key(a[f]);
+  const uint32_t pk = key(a[f]);
   uint16_t offl[kB], offr[kB];
   int64_t ls = f + 1, rs = e;  // the unscanned stretch [ls, rs)
   int64_t lbase = 0, rbase = 0;
@@ -172,7 +175,7 @@ int64_t unguarded_partition(const Words& W, uint32_t* a, int64_t f, int64_t e) {
       nl = sl = 0;
       for (int t = 0; t < kB; ++t) {
         offl[nl] = static_cast<uint16_t>(t);
-        nl += !comp_key<Desc>(W.key(a[ls + t]), pk);
+        nl += !comp_key<Desc>(key(a[ls + t]), pk);
       }
       ls += kB;
     }
@@ -182,7 +185,7 @@ int64_t unguarded_partition(const Words& W, uint32_t* a, int64_t f, int64_t e) {
       nr = sr = 0;
       for (int t = 0; t < kB; ++t) {
         offr[nr] = static_cast<uint16_t>(t);
-        nr += !comp_key<Desc>(pk, W.key(a[rbase - t]));
+        nr += !comp_key<Desc>(pk, key(a[rbase - t]));
       }
       rs -= kB;
     }
@@ -197,24 +200,22 @@ int64_t unguarded_partition(const Words& W, uint32_t* a, int64_t f, int64_t e) {
   }
   // the scalar loop (the pivot at a[f] and the median-of-three bound both scans, as in libstdc++)
   while (true) {
-    while (comp_key<Desc>(W.key(a[lo]), pk)) ++lo;
+    while (comp_key<Desc>(key(a[lo]), pk)) ++lo;
     --hi;
-    while (comp_key<Desc>(pk, W.key(a[hi]))) --hi;
+    while (comp_key<Desc>(pk, key(a[hi]))) --hi;
     if (!(lo < hi)) return lo;
     std::swap(a[lo], a[hi]);
     ++lo;
   }
 }
 
-// libstdc++'s introsort loop, followed only into the ranges that hold a cut strictly inside.
-template <bool Desc>
-void introselect(const Words& W, uint32_t* a, int64_t n, const std::vector<int64_t>& cuts) {
-  auto inside = [&](int64_t f, int64_t e) {
-    for (int64_t c : cuts)
-      if (f < c && c < e) return true;
-    return false;
-  };
-  auto comp = [&W](uint32_t x, uint32_t y) { return comp_key<Desc>(W.key(x), W.key(y)); };
+// libstdc++'s std::sort (introsort loop, then insertion sort), followed only into the ranges where
+// inside(f, e) holds. The final insertion sort runs per range of at most kInsertion elements: every
+// element of a range sorts after those of the ranges before it and not after those after it, so this
+// is libstdc++'s single insertion pass over the whole array, range by range.
+template <bool Desc, typename T, typename Key, typename Inside>
+void introsort_ranges(const Key& key, T* a, int64_t n, const Inside& inside) {
+  auto comp = [&key](T x, T y) { return comp_key<Desc>(key(x), key(y)); };
   if (!inside(0, n)) return;
   int64_t lg = 0;
   while ((int64_t{1} << (lg + 1)) <= n) ++lg;
@@ -228,7 +229,7 @@ void introselect(const Words& W, uint32_t* a, int64_t n, const std::vector<int64
     int64_t f = w.f, e = w.e, depth = w.depth;
     while (true) {
       if (e - f <= kInsertion) {
-        insertion_sort<Desc>(W, a + f, a + e);
+        insertion_sort<Desc>(key, a + f, a + e);
         break;
       }
       if (depth == 0) {  // std::__partial_sort(first, last, last): heapsort, as introsort does
@@ -237,11 +238,11 @@ void introselect(const Words& W, uint32_t* a, int64_t n, const std::vector<int64
       }
       --depth;
       // __move_median_to_first(first, first + 1, mid, last - 1)
-      uint32_t* first = a + f;
-      uint32_t* pa = a + f + 1;
-      uint32_t* pb = a + f + (e - f) / 2;
-      uint32_t* pc = a + e - 1;
-      uint32_t* m;
+      T* first = a + f;
+      T* pa = a + f + 1;
+      T* pb = a + f + (e - f) / 2;
+      T* pc = a + e - 1;
+      T* m;
       if (comp(*pa, *pb)) {
         m = comp(*pb, *pc) ? pb : (comp(*pa, *pc) ? pc : pa);
       } else if (comp(*pa, *pc)) {
@@ -252,7 +253,7 @@ void introselect(const Words& W, uint32_t* a, int64_t n, const std::vector<int64
         m = pb;
       }
       std::swap(*first, *m);
-      int64_t cut = unguarded_partition<Desc>(W, a, f, e);
+      int64_t cut = unguarded_partition<Desc>(key, a, f, e);
       bool right = inside(cut, e), left = inside(f, cut);
       if (right && left) {
         stack.push_back({cut, e, depth});
@@ -266,6 +267,16 @@ void introselect(const Words& W, uint32_t* a, int64_t n, const std::vector<int64
       }
     }
   }
+}
+
+// The introsort, followed only into the ranges that hold a cut strictly inside.
+template <bool Desc>
+void introselect(const Words& W, uint32_t* a, int64_t n, const std::vector<int64_t>& cuts) {
+  introsort_ranges<Desc>([&W](uint32_t w) { return W.key(w); }, a, n, [&cuts](int64_t f, int64_t e) {
+    for (int64_t c : cuts)
+      if (f < c && c < e) return true;
+    return false;
+  });
 }
 
 // The words of one input (Words), built in parallel: each block counts its tie elements, takes
@@ -453,11 +464,13 @@ int64_t della_impl(int64_t n, int64_t cols, const void* base_, const void* x_, d
     int64_t mine = 0;
     for (int64_t row = lo; row < hi; ++row) {
       const int64_t j0 = row * cols;
-      // (key, index) pairs in index order, as torch's sort starts, compared by the key alone: std::sort
-      // then makes the comparisons and moves of torch's sort, hence its permutation
+      // (key, index) pairs in index order, as torch's sort starts, compared by the key alone: the
+      // introsort (libstdc++'s std::sort, block-partitioned) then makes the moves of torch's sort,
+      // hence its permutation, ties included
       for (int64_t t = 0; t < cols; ++t)
         pairs[t] = (static_cast<uint64_t>(key_at<F>(x, base, j0 + t)) << 32) | static_cast<uint64_t>(t);
-      std::sort(pairs.get(), pairs.get() + cols, [](uint64_t a, uint64_t b) { return (a >> 32) < (b >> 32); });
+      introsort_ranges<false>([](uint64_t p) { return static_cast<uint32_t>(p >> 32); }, pairs.get(), cols,
+                              [](int64_t, int64_t) { return true; });
       const int64_t b0 = j0 >> 2, nb = ((j0 + cols - 1) >> 2) - b0 + 1;
       philox_words(ps, static_cast<uint64_t>(b0), nb, word.get());
       const uint32_t* wj = word.get() + (j0 & 3);  // wj[t]: word j0 + t
