@@ -161,9 +161,13 @@ void insertion_sort(const Key& key, T* f, T* e) {  // stable, as libstdc++'s __i
 // found but not yet paired are unswapped, so the scalar scans find them again). Returns the cut.
 template <bool Desc, typename T, typename Key>
 int64_t unguarded_partition(const Key& key, T* a, int64_t f, int64_t e) {
-  constexpr int kB = 256;
+  // The block: about a sixteenth of the range, 8 to 256 elements, so that the scalar tail stays a
+  // small part of every level (the swaps do not depend on it).
+  constexpr int kBMax = 256;
+  int kB = 8;
+  while (kB < kBMax && 16 * static_cast<int64_t>(kB) < e - f) kB *= 2;
   const uint32_t pk = key(a[f]);
-  uint16_t offl[kB], offr[kB];
+  uint16_t offl[kBMax], offr[kBMax];
   int64_t ls = f + 1, rs = e;  // the unscanned stretch [ls, rs)
   int64_t lbase = 0, rbase = 0;
   int nl = 0, nr = 0, sl = 0, sr = 0;  // stops found in the current blocks, and those used
