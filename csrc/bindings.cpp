@@ -316,6 +316,36 @@ PYBIND11_MODULE(_C, m) {
       py::arg("dtype"), py::arg("n"), py::arg("cols"), py::arg("base"), py::arg("x"), py::arg("density"),
       py::arg("epsilon"), py::arg("seed"), py::arg("hash"), py::arg("bitmap"), py::arg("threads") = 0);
   m.def(
+      "sce_select_cpu",
+      [](int dtype, int64_t n, uintptr_t base, int64_t count, uintptr_t xs, double density, uintptr_t bitmap,
+         int threads) {
+        py::gil_scoped_release nogil;
+        return mkf::sce_select_cpu(dtype, n, ptr<const void>(base), count, ptr<const uint64_t>(xs), density,
+                                   ptr<uint64_t>(bitmap), threads);
+      },
+      py::arg("dtype"), py::arg("n"), py::arg("base"), py::arg("count"), py::arg("xs"), py::arg("density"),
+      py::arg("bitmap"), py::arg("threads") = 0);
+  m.def(
+      "sce_squares_cpu",
+      [](int dtype, int64_t n, int64_t m, uintptr_t base, uintptr_t xs, uintptr_t keep, uintptr_t out,
+         int threads) {
+        py::gil_scoped_release nogil;
+        mkf::sce_squares_cpu(dtype, n, m, ptr<const void>(base), ptr<const uint64_t>(xs),
+                             ptr<const uint64_t>(keep), ptr<void>(out), threads);
+      },
+      py::arg("dtype"), py::arg("n"), py::arg("m"), py::arg("base"), py::arg("xs"), py::arg("keep"),
+      py::arg("out"), py::arg("threads") = 0);
+  m.def(
+      "sce_apply_cpu",
+      [](int dtype, int64_t n, int64_t m, uintptr_t base, uintptr_t xs, uintptr_t keep, uintptr_t w,
+         uintptr_t out, int threads) {
+        py::gil_scoped_release nogil;
+        return mkf::sce_apply_cpu(dtype, n, m, ptr<const void>(base), ptr<const uint64_t>(xs),
+                                  ptr<const uint64_t>(keep), ptr<const double>(w), ptr<void>(out), threads);
+      },
+      py::arg("dtype"), py::arg("n"), py::arg("m"), py::arg("base"), py::arg("xs"), py::arg("keep"),
+      py::arg("w"), py::arg("out"), py::arg("threads") = 0);
+  m.def(
       "ta_combine_cpu",
       [](int dtype, int64_t n, uintptr_t base, uintptr_t out, int64_t count, uintptr_t xs,
          uintptr_t masks, uintptr_t works, uintptr_t rules, uintptr_t bitmaps, uintptr_t thrs,

@@ -42,7 +42,18 @@ constexpr int kCombineMaxInputs = 8;
   /* stored in out_dtype: the input dtype, or fp32 for 16-bit inputs. */                          \
   int ramplus_tl_cpu(int dtype, int out_dtype, int64_t n, int64_t m, const void* base,           \
                      const uint64_t* xs, void* out, double r, double alpha, double epsilon,       \
-                     int threads)
+                     int threads);                                                                \
+  /* sce's passes (mergekit 0.1.5 sce, after the variance selection: select/select.h */           \
+  /* sce_select_cpu), m models (1 <= m <= kCombineMaxInputs), keep: the selection's bitmap, or */   \
+  /* 0 (select_topk >= 1: no mask). The selected deltas s_i = rD(rD(x_i - base) * keep). */        \
+  /* sce_squares: rD(s_i^2) into out[i * n + j] (the tensor whose per-model mean torch takes). */  \
+  void sce_squares_cpu(int dtype, int64_t n, int64_t m, const void* base, const uint64_t* xs,     \
+                       const uint64_t* keep, void* out, int threads);                             \
+  /* sce_apply: the sum sign consensus and the weighted mean with the weights w (m values of */    \
+  /* the dtype): base + S(s_i * w_i a_i) / max(S(w_i a_i), 1e-6), a_i = sign(s_i) == the sign of */ \
+  /* S(s_i) (>= 0 counts as +). Returns 1 when every output element is finite. */                   \
+  int sce_apply_cpu(int dtype, int64_t n, int64_t m, const void* base, const uint64_t* xs,       \
+                    const uint64_t* keep, const double* w, void* out, int threads)
 MKF_COMBINE_CPU_API;
 MKF_DECLARE_PER_ISA(MKF_COMBINE_CPU_API)
 

@@ -211,6 +211,105 @@ int ramplus_impl(int64_t n, int64_t m_, const void* base, const uint64_t* xs, vo
   return ram_apply<F, O>(n, in, lam, out, threads);
 }
 
+// ---- sce (after the variance selection)
+
+// The base and the models of one sce call, and the selected deltas of a sub-block.
+template <typename F>
+struct SceInputs {
+  using S = typename F::S;
+  using C = typename F::C;
+  const S* b;
+  const S* xs[kCombineMaxInputs];
+  const uint64_t* keep;
+  int m;
+
+  SceInputs(int64_t m_, const void* base, const uint64_t* xs_, const uint64_t* keep_, const char* op) {
+    if (m_ < 1 || m_ > kCombineMaxInputs)
+      throw std::invalid_argument(std::string(op) + ": 1 to " + std::to_string(kCombineMaxInputs) +
+                                  " models besides the base, got " + std::to_string(m_));
+    m = static_cast<int>(m_);
+    b = static_cast<const S*>(base);
+    for (int q = 0; q < m; ++q) xs[q] = reinterpret_cast<const S*>(xs_[q]);
+    keep = keep_;
+  }
+
+  // s[q][j] = rD(rD(x_q - b) * keep) for elements [i0, i0 + len); bval[j] = b
+  void load(int64_t i0, int64_t len, C (*s)[kSub], C* bval) const {
+    for (int64_t j = 0; j < len; ++j) bval[j] = F::load(b[i0 + j]);
+    for (int q = 0; q < m; ++q) {
+      const S* x = xs[q] + i0;
+      for (int64_t j = 0; j < len; ++j) {
+        const C d = F::round(F::load(x[j]) - bval[j]);
+        if (keep == nullptr) {
+          s[q][j] = d;
+        } else {
+          const int64_t i = i0 + j;
+          const C f = ((keep[i >> 6] >> (i & 63)) & 1u) ? C(1) : C(0);
+          s[q][j] = F::round(d * f);
+        }
+      }
+    }
+  }
+};
+
+template <typename F>
+void sce_squares_impl(int64_t n, const SceInputs<F>& in, void* out_, int threads) {
+  using C = typename F::C;
+  auto* out = static_cast<typename F::S*>(out_);
+  blocks_over(n, threads, [&](int64_t i0, int64_t i1) {
+    C s[kCombineMaxInputs][kSub], bval[kSub];
+    const int64_t len = i1 - i0;
+    in.load(i0, len, s, bval);
+    for (int q = 0; q < in.m; ++q)
+      for (int64_t j = 0; j < len; ++j) out[q * n + i0 + j] = F::store(s[q][j] * s[q][j]);
+    return int64_t{0};
+  });
+}
+
+// majority = +1 where S(s) >= 0 (NaN: -1); a_q = sign(s_q) == majority; W_q = rD(w_q * a_q);
+// out = rD(b + rD(S(rD(s_q W_q)) / clamp(S(W_q), rD(1e-6)))), S(.) a sum from +0 in C, model by model
+// (torch's sum over dim 0), rounded once
+template <typename F>
+int sce_apply_impl(int64_t n, const SceInputs<F>& in, const double* w_, void* out_, int threads) {
+  using C = typename F::C;
+  auto* out = static_cast<typename F::S*>(out_);
+  C w[kCombineMaxInputs];
+  for (int q = 0; q < in.m; ++q) w[q] = F::round(static_cast<C>(w_[q]));
+  const C lo = F::round(scalar<F>(1e-6));
+  return blocks_over(n, threads, [&](int64_t i0, int64_t i1) {
+    C s[kCombineMaxInputs][kSub], bval[kSub], maj[kSub], num[kSub], den[kSub];
+    const int64_t len = i1 - i0;
+    in.load(i0, len, s, bval);
+    for (int64_t j = 0; j < len; ++j) {
+      maj[j] = C(0);
+      num[j] = C(0);
+      den[j] = C(0);
+    }
+    for (int q = 0; q < in.m; ++q)
+      for (int64_t j = 0; j < len; ++j) maj[j] += s[q][j];
+    for (int64_t j = 0; j < len; ++j) maj[j] = F::round(maj[j]) >= C(0) ? C(1) : C(-1);
+    for (int q = 0; q < in.m; ++q) {
+      const C wq = w[q];
+      for (int64_t j = 0; j < len; ++j) {
+        const C sq = s[q][j];
+        const C sign = sq > C(0) ? C(1) : (sq < C(0) ? C(-1) : C(0));
+        const C W = F::round(wq * (sign == maj[j] ? C(1) : C(0)));
+        num[j] += F::round(sq * W);
+        den[j] += W;
+      }
+    }
+    int64_t bad = 0;
+    for (int64_t j = 0; j < len; ++j) {
+      C d = F::round(den[j]);
+      d = d < lo ? lo : d;  // clamp(min=1e-6): NaN stays
+      const C v = F::round(bval[j] + F::round(F::round(num[j]) / d));
+      out[i0 + j] = F::store(v);
+      bad += !(v - v == C(0));
+    }
+    return bad;
+  });
+}
+
 }  // namespace
 
 int nearswap_cpu(int dtype, int64_t n, const void* base, const void* x, void* out, double t, int threads) {
@@ -249,6 +348,26 @@ int ramplus_tl_cpu(int dtype, int out_dtype, int64_t n, int64_t m, const void* b
   return ok;
 }
 
+void sce_squares_cpu(int dtype, int64_t n, int64_t m, const void* base, const uint64_t* xs, const uint64_t* keep,
+                     void* out, int threads) {
+  threads = default_threads(threads);
+  by_format(dtype, "sce_squares_cpu", [&](auto f) {
+    using F = decltype(f);
+    sce_squares_impl<F>(n, SceInputs<F>(m, base, xs, keep, "sce_squares_cpu"), out, threads);
+  });
+}
+
+int sce_apply_cpu(int dtype, int64_t n, int64_t m, const void* base, const uint64_t* xs, const uint64_t* keep,
+                  const double* w, void* out, int threads) {
+  threads = default_threads(threads);
+  int r = 1;
+  by_format(dtype, "sce_apply_cpu", [&](auto f) {
+    using F = decltype(f);
+    r = sce_apply_impl<F>(n, SceInputs<F>(m, base, xs, keep, "sce_apply_cpu"), w, out, threads);
+  });
+  return r;
+}
+
 }  // namespace mkf::MKF_ISA_NS
 
 #if MKF_ISA_PRIMARY
@@ -266,6 +385,16 @@ int ram_cpu(int dtype, int64_t n, int64_t m, const void* base, const uint64_t* x
 int ramplus_tl_cpu(int dtype, int out_dtype, int64_t n, int64_t m, const void* base, const uint64_t* xs, void* out,
                    double r, double alpha, double epsilon, int threads) {
   MKF_CPU_DISPATCH(ramplus_tl_cpu, dtype, out_dtype, n, m, base, xs, out, r, alpha, epsilon, threads);
+}
+
+void sce_squares_cpu(int dtype, int64_t n, int64_t m, const void* base, const uint64_t* xs, const uint64_t* keep,
+                     void* out, int threads) {
+  MKF_CPU_DISPATCH(sce_squares_cpu, dtype, n, m, base, xs, keep, out, threads);
+}
+
+int sce_apply_cpu(int dtype, int64_t n, int64_t m, const void* base, const uint64_t* xs, const uint64_t* keep,
+                  const double* w, void* out, int threads) {
+  MKF_CPU_DISPATCH(sce_apply_cpu, dtype, n, m, base, xs, keep, w, out, threads);
 }
 
 }  // namespace mkf

@@ -37,7 +37,15 @@ enum TaSelectMode : int32_t { kSelectTop = 0, kSelectRange = 1 };
   /* (n + 63) / 64 words of bitmap (bit j: element j kept). Returns the number kept. */          \
   int64_t della_keep_cpu(int dtype, int64_t n, int64_t cols, const void* base, const void* x,    \
                          double density, double epsilon, uint64_t seed, uint64_t hash,            \
-                         uint64_t* bitmap, int threads)
+                         uint64_t* bitmap, int threads);                                          \
+  /* sce's variance selection over `count` models xs (same dtype and n as base; not fp64): the */ \
+  /* k = int(fp32(nonzero) * fp32(density)) positions of largest |var| of the deltas across the */ \
+  /* models (torch.var(dim=0, unbiased=False) in the dtype; nonzero: positions with var != 0) */ \
+  /* that torch.topk keeps on the CPU (std::nth_element, or std::partial_sort when 64 k <= n, on */\
+  /* (value, index) pairs: ties go where libstdc++ puts them). Writes (n + 63) / 64 words of */    \
+  /* bitmap (bit j: position j kept; none for density <= 0). Returns k; -1 when n >= 2^31. */       \
+  int64_t sce_select_cpu(int dtype, int64_t n, const void* base, int64_t count,                  \
+                         const uint64_t* xs, double density, uint64_t* bitmap, int threads)
 MKF_SELECT_CPU_API;
 MKF_DECLARE_PER_ISA(MKF_SELECT_CPU_API)
 

@@ -213,6 +213,28 @@ int64_t unguarded_partition(const Key& key, T* a, int64_t f, int64_t e) {
   }
 }
 
+// libstdc++'s __unguarded_partition_pivot on a[f..e): the median of a[f + 1], the middle and a[e - 1]
+// moved to a[f] (__move_median_to_first), then the partition around it. Returns the cut.
+template <bool Desc, typename T, typename Key>
+int64_t partition_pivot(const Key& key, T* a, int64_t f, int64_t e) {
+  auto comp = [&key](T x, T y) { return comp_key<Desc>(key(x), key(y)); };
+  T* pa = a + f + 1;
+  T* pb = a + f + (e - f) / 2;
+  T* pc = a + e - 1;
+  T* m;
+  if (comp(*pa, *pb)) {
+    m = comp(*pb, *pc) ? pb : (comp(*pa, *pc) ? pc : pa);
+  } else if (comp(*pa, *pc)) {
+    m = pa;
+  } else if (comp(*pb, *pc)) {
+    m = pc;
+  } else {
+    m = pb;
+  }
+  std::swap(a[f], *m);
+  return unguarded_partition<Desc>(key, a, f, e);
+}
+
 // libstdc++'s std::sort (introsort loop, then insertion sort), followed only into the ranges where
 // inside(f, e) holds. The final insertion sort runs per range of at most kInsertion elements: every
 // element of a range sorts after those of the ranges before it and not after those after it, so this
@@ -241,23 +263,7 @@ void introsort_ranges(const Key& key, T* a, int64_t n, const Inside& inside) {
         break;
       }
       --depth;
-      // __move_median_to_first(first, first + 1, mid, last - 1)
-      T* first = a + f;
-      T* pa = a + f + 1;
-      T* pb = a + f + (e - f) / 2;
-      T* pc = a + e - 1;
-      T* m;
-      if (comp(*pa, *pb)) {
-        m = comp(*pb, *pc) ? pb : (comp(*pa, *pc) ? pc : pa);
-      } else if (comp(*pa, *pc)) {
-        m = pa;
-      } else if (comp(*pb, *pc)) {
-        m = pc;
-      } else {
-        m = pb;
-      }
-      std::swap(*first, *m);
-      int64_t cut = unguarded_partition<Desc>(key, a, f, e);
+      int64_t cut = partition_pivot<Desc>(key, a, f, e);
       bool right = inside(cut, e), left = inside(f, cut);
       if (right && left) {
         stack.push_back({cut, e, depth});
@@ -281,6 +287,36 @@ void introselect(const Words& W, uint32_t* a, int64_t n, const std::vector<int64
       if (f < c && c < e) return true;
     return false;
   });
+}
+
+// libstdc++'s std::nth_element(a, a + nth, a + n) (__introselect: the introsort's partitions, into
+// the range holding nth while it has more than 3 elements, then an insertion sort; heap selection
+// where the depth limit runs out), or, with `partial`, std::partial_sort(a, a + nth + 1, a + n)
+// (heap selection). The elements of a[0 .. nth] are then those torch.topk's CPU kernel, which calls
+// one or the other on (value, index) pairs, leaves there.
+template <bool Desc, typename T, typename Key>
+void nth_element_like(const Key& key, T* a, int64_t n, int64_t nth, bool partial) {
+  auto comp = [&key](T x, T y) { return comp_key<Desc>(key(x), key(y)); };
+  if (partial) {
+    std::partial_sort(a, a + nth + 1, a + n, comp);
+    return;
+  }
+  int64_t lg = 0;
+  while ((int64_t{1} << (lg + 1)) <= n) ++lg;
+  int64_t f = 0, e = n, depth = 2 * lg;
+  while (e - f > 3) {
+    if (depth == 0) {  // __heap_select(first, nth + 1, last): the same set in [first, nth]
+      std::partial_sort(a + f, a + nth + 1, a + e, comp);
+      return;
+    }
+    --depth;
+    const int64_t cut = partition_pivot<Desc>(key, a, f, e);
+    if (cut <= nth)
+      f = cut;
+    else
+      e = cut;
+  }
+  insertion_sort<Desc>(key, a + f, a + e);
 }
 
 // The words of one input (Words), built in parallel: each block counts its tie elements, takes
@@ -431,6 +467,133 @@ int64_t select_impl(int64_t n, const void* base_, int64_t count, const uint64_t*
   return used;
 }
 
+// ---- sce: the positions of the top-k variances across the models
+
+// The variance over the models of the deltas rD(x_i - base) at element j, as torch.var(dim=0,
+// unbiased=False) computes it for every float dtype but fp64's: Welford's update in fp64 from (0, 0),
+// model by model, m2 / count, then stored to the dtype (fp64 -> fp32 -> D, as c10 converts).
+template <typename F>
+inline float sce_var(const typename F::storage* b, const typename F::storage* const* xs, int64_t count,
+                     int64_t j) {
+  using A = typename F::A;
+  const A bj = static_cast<A>(F::load(b[j]));
+  double mean = 0.0, m2 = 0.0;
+  for (int64_t q = 0; q < count; ++q) {
+    const double v = static_cast<double>(F::round(static_cast<A>(F::load(xs[q][j])) - bj));
+    const double delta = v - mean;
+    mean = mean + delta / static_cast<double>(q + 1);
+    m2 = m2 + delta * (v - mean);
+  }
+  return F::round(static_cast<float>(m2 / static_cast<double>(count)));
+}
+
+template <typename F>
+int64_t sce_select_impl(int64_t n, int64_t count, const void* base_, const uint64_t* xs_, double density,
+                        uint64_t* bitmap, int threads) {
+  using S = typename F::storage;
+  const int64_t words = (n + 63) / 64;
+  for (int64_t w = 0; w < words; ++w) bitmap[w] = 0;
+  if (n == 0 || density <= 0) return 0;  // mergekit: a zero mask
+  if (n >= (int64_t{1} << 31)) return -1;
+  const S* base = static_cast<const S*>(base_);
+  std::vector<const S*> xs(static_cast<size_t>(count));
+  for (int64_t q = 0; q < count; ++q) xs[q] = reinterpret_cast<const S*>(xs_[q]);
+  // the keys of |var| (torch.topk's comparator: NaN above everything), their histogram, the zeros
+  std::unique_ptr<uint32_t[]> K(new uint32_t[static_cast<size_t>(n)]);
+  const int64_t nb = (n + kKeyBlock - 1) / kKeyBlock;
+  std::vector<Hist> parts(static_cast<size_t>(nb));
+  std::vector<int64_t> zeros(static_cast<size_t>(nb), 0);
+  parallel_for(nb, n >= kParallelMin ? threads : 1, [&](int64_t blo, int64_t bhi) {
+    Hist h = new_hist();
+    for (int64_t blk = blo; blk < bhi; ++blk) {
+      int64_t z = 0;
+      for (int64_t j = blk * kKeyBlock, e = std::min(n, j + kKeyBlock); j < e; ++j) {
+        const float v = sce_var<F>(base, xs.data(), count, j);
+        const uint32_t k = ta_key(v);
+        K[j] = k;
+        ++h[k >> 16];
+        z += v == 0.0f;
+      }
+      zeros[blk] = z;
+    }
+    parts[blo] = std::move(h);
+  });
+  Hist h0 = new_hist();
+  int64_t nonzero = n;
+  for (int64_t blk = 0; blk < nb; ++blk) {
+    nonzero -= zeros[blk];
+    if (parts[blk])
+      for (int64_t i = 0; i < kBins; ++i) h0[i] += parts[blk][i];
+  }
+  // k = int(count_nonzero(var) * density): an int64 tensor times a Python float, an fp32 product
+  const float kf = static_cast<float>(nonzero) * static_cast<float>(density);
+  const int64_t k = std::min<int64_t>(n, static_cast<int64_t>(kf));
+  if (k <= 0) return 0;
+  // the key at ascending position n - k: the smallest kept
+  const int64_t r = n - k;
+  int64_t below = 0;
+  uint32_t hi = 0;
+  for (; hi < (1u << 16); ++hi) {
+    if (below + h0[hi] > r) break;
+    below += h0[hi];
+  }
+  uint32_t thr = hi << 16;
+  int64_t lt = below, le = below + h0[hi];
+  if (!std::is_same_v<F, HostBF16>) {  // the low 16 bits, among the keys of that bin
+    Hist h1 = new_hist();
+    for (int64_t j = 0; j < n; ++j)
+      if ((K[j] >> 16) == hi) ++h1[K[j] & 0xffffu];
+    uint32_t lo = 0;
+    for (; lo < (1u << 16); ++lo) {
+      if (below + h1[lo] > r) break;
+      below += h1[lo];
+    }
+    thr |= lo;
+    lt = below;
+    le = below + h1[lo];
+  }
+  // every key above thr is kept; of the keys equal to it, all when none is left out (lt == r), else
+  // those torch's selection leaves among the first k
+  const bool straddle = lt != r;
+  const int64_t ties = le - lt;
+  std::unique_ptr<uint32_t[]> idx(new uint32_t[straddle ? static_cast<size_t>(ties) : 1]);
+  std::atomic<uint32_t> next{0};
+  const int64_t nw = words;
+  parallel_for((nw + 63) / 64, n >= kParallelMin ? threads : 1, [&](int64_t lo, int64_t hi2) {
+    for (int64_t w = lo * 64; w < std::min(nw, hi2 * 64); ++w) {
+      uint64_t bits = 0;
+      uint32_t tie = 0;
+      const int64_t j0 = w * 64, m = std::min<int64_t>(64, n - j0);
+      for (int64_t t = 0; t < m; ++t) {
+        const uint32_t key = K[j0 + t];
+        bits |= static_cast<uint64_t>(key > thr || (!straddle && key == thr)) << t;
+        tie += key == thr;
+      }
+      bitmap[w] = bits;
+      if (straddle && tie != 0) {  // the tie group's words: 2^31 | ordinal (Words)
+        uint32_t o = next.fetch_add(tie, std::memory_order_relaxed);
+        for (int64_t t = 0; t < m; ++t)
+          if (K[j0 + t] == thr) {
+            idx[o] = static_cast<uint32_t>(j0 + t);
+            K[j0 + t] = 0x80000000u | o++;
+          }
+      }
+    }
+  });
+  if (!straddle) return k;
+  const Words W{thr, thr, static_cast<uint32_t>(ties)};
+  uint32_t* p = K.get();
+  nth_element_like<true>([&W](uint32_t w) { return W.key(w); }, p, n, k - 1, k * 64 <= n);
+  for (int64_t s = 0; s < k; ++s) {
+    const uint32_t w = p[s];
+    if ((w >> 31) != 0) {
+      const uint32_t j = idx[w & 0x7fffffffu];
+      bitmap[j >> 6] |= uint64_t{1} << (j & 63);
+    }
+  }
+  return k;
+}
+
 // ---- DELLA: per-row ranks, keep probabilities, draws
 
 template <typename F>
@@ -513,6 +676,20 @@ int64_t della_keep_cpu(int dtype, int64_t n, int64_t cols, const void* base, con
   return r;
 }
 
+int64_t sce_select_cpu(int dtype, int64_t n, const void* base, int64_t count, const uint64_t* xs, double density,
+                       uint64_t* bitmap, int threads) {
+  if (count < 1) throw std::invalid_argument("sce_select_cpu: at least one model besides the base");
+  threads = default_threads(threads);
+  int64_t r = 0;
+  host_by_dtype(dtype, "sce_select_cpu", [&](auto f) {
+    if constexpr (std::is_same_v<decltype(f), HostF64>)
+      throw std::invalid_argument("sce_select_cpu: fp64 is not supported (torch.topk compares fp64 values)");
+    else
+      r = sce_select_impl<decltype(f)>(n, count, base, xs, density, bitmap, threads);
+  });
+  return r;
+}
+
 int64_t ta_select_cpu(int dtype, int64_t n, const void* base, int64_t count, const uint64_t* xs,
                       const int32_t* modes, const int64_t* as, const int64_t* bs, uint32_t* rules,
                       uint64_t* bitmaps, int threads) {
@@ -534,6 +711,11 @@ int64_t ta_select_cpu(int dtype, int64_t n, const void* base, int64_t count, con
                       const int32_t* modes, const int64_t* as, const int64_t* bs, uint32_t* rules,
                       uint64_t* bitmaps, int threads) {
   MKF_CPU_DISPATCH(ta_select_cpu, dtype, n, base, count, xs, modes, as, bs, rules, bitmaps, threads);
+}
+
+int64_t sce_select_cpu(int dtype, int64_t n, const void* base, int64_t count, const uint64_t* xs, double density,
+                       uint64_t* bitmap, int threads) {
+  MKF_CPU_DISPATCH(sce_select_cpu, dtype, n, base, count, xs, density, bitmap, threads);
 }
 
 int64_t della_keep_cpu(int dtype, int64_t n, int64_t cols, const void* base, const void* x, double density,

@@ -15,6 +15,20 @@ No per-model weight. Everything runs in the input dtype (bf16 stays bf16), as in
 only changes the dtype the masks are held in (less memory), never a value. Ties of the variance at the
 top-k threshold go where torch.topk puts them (mergekit uses it too). A weight only the base has is the
 base.
+
+On the CPU (``compute``; bf16, fp16 and fp32, up to 8 models besides the base, 4 in fp32) three native
+passes replace the reference's dozen torch ops, with the reference's bits:
+
+* ``sce_select_cpu`` (csrc/select): the variance of each position as torch.var computes it (Welford in
+  fp64, rounded to the dtype), the threshold from a radix histogram of |var|, and, only where equal
+  variances straddle the k-th, libstdc++'s nth_element (or partial_sort: what torch.topk calls on the
+  CPU), block-partitioned, over one 32-bit word per position;
+* ``sce_squares_cpu`` (csrc/combine/pointwise_cpu.cpp): the selected deltas squared, whose per-model mean
+  torch takes (``.mean(dim=1)`` over 58M bf16 values adds in an order of torch's own, split by its
+  threads, that no other sum reproduces: the one reduction left to torch);
+* ``sce_apply_cpu``: the sign consensus and the weighted mean, op by op in the dtype.
+
+fp64 (torch.topk compares fp64 values, the keys are fp32) and more models take the reference.
 """
 
 from __future__ import annotations
@@ -84,6 +98,15 @@ class Sce(MergeMethod):
         w = w.view(n, *([1] * (deltas.dim() - 1))) * agree
         merged = (deltas * w).sum(dim=0) / torch.sum(w, dim=0).clamp(min=1e-6)
         return base + merged
+
+    def compute(self, inputs, params, ctx: Context, out=None):
+        """The reference's values from the native passes (see the module's docstring) where they serve."""
+        from mergekit_fast.ops import sce as ops_sce
+
+        if not ops_sce.native_ready(inputs, ctx.backend):
+            return super().compute(inputs, params, ctx, out)
+        return ops_sce.sce_merge(inputs[0], list(inputs[1:]), float(params.get("select_topk", 1.0)),
+                                 out=out, threads=ctx.threads)  # fmt: skip
 
     def verify_scale(self, inputs, params):
         # the base plus a weighted mean of the deltas: bounded by the sum of the inputs' magnitudes
