@@ -61,9 +61,9 @@ METHODS = {
     "nearswap": (POINTWISE, None, {"t": 1e-3}, {}, lambda k: 3),
     "ram": (POINTWISE, None, {"epsilon": 1e-5}, {}, lambda k: (k + 1) + 1),
     "ramplus_tl": (POINTWISE, None, {"r": 0.1, "alpha": 0.2, "epsilon": 1e-5}, {}, lambda k: 2 * (k + 1) + 1),
-    # sce (ops/sce.py): the variance selection reads base + inputs, the squares pass reads them again and
-    # writes k arrays that torch's mean reads, the apply reads base + inputs and writes the output
-    "sce": (POINTWISE, None, {"select_topk": 0.1}, {}, lambda k: 3 * (k + 1) + 2 * k + 1),
+    # sce (ops/sce.py): the variance selection reads base + inputs, the mean squares pass reads them again,
+    # the apply reads them a third time and writes the output
+    "sce": (POINTWISE, None, {"select_topk": 0.1}, {}, lambda k: 3 * (k + 1) + 1),
 }  # fmt: skip
 NAME, SEED = "model.layers.0.mlp.down_proj.weight", 42
 

@@ -328,13 +328,13 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "sce_squares_cpu",
       [](int dtype, int64_t n, int64_t m, uintptr_t base, uintptr_t xs, uintptr_t keep, uintptr_t out,
-         int threads) {
+         uintptr_t sums, int threads) {
         py::gil_scoped_release nogil;
         mkf::sce_squares_cpu(dtype, n, m, ptr<const void>(base), ptr<const uint64_t>(xs),
-                             ptr<const uint64_t>(keep), ptr<void>(out), threads);
+                             ptr<const uint64_t>(keep), ptr<void>(out), ptr<double>(sums), threads);
       },
       py::arg("dtype"), py::arg("n"), py::arg("m"), py::arg("base"), py::arg("xs"), py::arg("keep"),
-      py::arg("out"), py::arg("threads") = 0);
+      py::arg("out"), py::arg("sums"), py::arg("threads") = 0);
   m.def(
       "sce_apply_cpu",
       [](int dtype, int64_t n, int64_t m, uintptr_t base, uintptr_t xs, uintptr_t keep, uintptr_t w,

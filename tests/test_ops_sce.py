@@ -128,3 +128,29 @@ def test_native_ready_limits():
     assert not ops.native_ready([x.float()] + [x.float()] * 5)
     assert not ops.native_ready([x, x], backend="torch")
     assert not ops.native_ready([x, x.float()])
+
+
+def test_means_of_sums_is_torch_mean():
+    # wherever the exact sums determine the mean in the dtype, it is torch's own mean of the squares
+    # (rows past torch's 32768-element grain are summed by both threads)
+    g = torch.Generator().manual_seed(7)
+    decided = 0
+    for trial in range(120):
+        n = int(torch.randint(1, 400000, (1,), generator=g))
+        dtype = (torch.bfloat16, torch.float16)[trial % 2]
+        scale = 10.0 ** float(torch.randint(-3, 2, (1,), generator=g))
+        sq = ((torch.randn(2, n, generator=g, dtype=torch.float64) * scale) ** 2).to(dtype)
+        w = ops._means_of_sums(sq.double().sum(dim=1).tolist(), n, dtype)
+        if w is not None:
+            decided += 1
+            assert same_bits(w, sq.mean(dim=1)), (trial, n, dtype)
+    assert decided >= 80  # bf16 means are nearly always decided, fp16 ones mostly
+
+
+def test_merge_when_the_means_are_torch_s(monkeypatch):
+    # no mean decided from the sums: the squares go to torch's mean, with the same result
+    monkeypatch.setattr(ops, "_GAMMA", 1.0)
+    ins = _grid_inputs(3, 5000, torch.bfloat16, seed=9, levels=7, specials=True)
+    for topk in (1.0, 0.4):
+        params = {"select_topk": topk}
+        assert same_bits(SCE.compute(ins, params, Context()), SCE.reference(ins, params, Context()))

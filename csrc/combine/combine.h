@@ -46,9 +46,11 @@ constexpr int kCombineMaxInputs = 8;
   /* sce's passes (mergekit 0.1.5 sce, after the variance selection: select/select.h */           \
   /* sce_select_cpu), m models (1 <= m <= kCombineMaxInputs), keep: the selection's bitmap, or */   \
   /* 0 (select_topk >= 1: no mask). The selected deltas s_i = rD(rD(x_i - base) * keep). */        \
-  /* sce_squares: rD(s_i^2) into out[i * n + j] (the tensor whose per-model mean torch takes). */  \
+  /* sce_squares: rD(s_i^2) into out[i * n + j] (the tensor whose per-model mean torch takes; */  \
+  /* out may be 0) and, when sums is not 0, sums[i] = their fp64 sum (blocks of 2^14 in index */   \
+  /* order, the same for any thread count). */                                                   \
   void sce_squares_cpu(int dtype, int64_t n, int64_t m, const void* base, const uint64_t* xs,     \
-                       const uint64_t* keep, void* out, int threads);                             \
+                       const uint64_t* keep, void* out, double* sums, int threads);              \
   /* sce_apply: the sum sign consensus and the weighted mean with the weights w (m values of */    \
   /* the dtype): base + S(s_i * w_i a_i) / max(S(w_i a_i), 1e-6), a_i = sign(s_i) == the sign of */ \
   /* S(s_i) (>= 0 counts as +). Returns 1 when every output element is finite. */                   \

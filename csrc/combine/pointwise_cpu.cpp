@@ -252,18 +252,45 @@ struct SceInputs {
   }
 };
 
+// rD(s_q^2) into out (when given) and, into sums (when given), each model's fp64 sum of them: per
+// block of kBlock elements from 0 in index order, the blocks' partials added in block order (the same
+// value for any thread count)
 template <typename F>
-void sce_squares_impl(int64_t n, const SceInputs<F>& in, void* out_, int threads) {
+void sce_squares_impl(int64_t n, const SceInputs<F>& in, void* out_, double* sums, int threads) {
   using C = typename F::C;
   auto* out = static_cast<typename F::S*>(out_);
-  blocks_over(n, threads, [&](int64_t i0, int64_t i1) {
+  const int m = in.m;
+  const int64_t nb = (n + kBlock - 1) / kBlock;
+  std::vector<double> part(sums ? static_cast<size_t>(nb) * m : 0, 0.0);
+  parallel_for(nb, n >= kParallelMin ? threads : 1, [&](int64_t b0, int64_t b1) {
     C s[kCombineMaxInputs][kSub], bval[kSub];
-    const int64_t len = i1 - i0;
-    in.load(i0, len, s, bval);
-    for (int q = 0; q < in.m; ++q)
-      for (int64_t j = 0; j < len; ++j) out[q * n + i0 + j] = F::store(s[q][j] * s[q][j]);
-    return int64_t{0};
+    for (int64_t bi = b0; bi < b1; ++bi) {
+      double acc[kCombineMaxInputs] = {};
+      for (int64_t i0 = bi * kBlock, end = std::min(n, (bi + 1) * kBlock); i0 < end; i0 += kSub) {
+        const int64_t len = std::min(end, i0 + kSub) - i0;
+        in.load(i0, len, s, bval);
+        for (int q = 0; q < m; ++q) {
+          C* sq = s[q];
+          for (int64_t j = 0; j < len; ++j) sq[j] = F::round(sq[j] * sq[j]);
+          if (out)
+            for (int64_t j = 0; j < len; ++j) out[q * n + i0 + j] = F::store(sq[j]);
+          if (sums) {
+            double a = acc[q];
+            for (int64_t j = 0; j < len; ++j) a += static_cast<double>(sq[j]);
+            acc[q] = a;
+          }
+        }
+      }
+      if (sums)
+        for (int q = 0; q < m; ++q) part[static_cast<size_t>(bi) * m + q] = acc[q];
+    }
   });
+  if (sums)
+    for (int q = 0; q < m; ++q) {
+      double t = 0.0;
+      for (int64_t bi = 0; bi < nb; ++bi) t += part[static_cast<size_t>(bi) * m + q];
+      sums[q] = t;
+    }
 }
 
 // majority = +1 where S(s) >= 0 (NaN: -1); a_q = sign(s_q) == majority; W_q = rD(w_q * a_q);
@@ -349,11 +376,11 @@ int ramplus_tl_cpu(int dtype, int out_dtype, int64_t n, int64_t m, const void* b
 }
 
 void sce_squares_cpu(int dtype, int64_t n, int64_t m, const void* base, const uint64_t* xs, const uint64_t* keep,
-                     void* out, int threads) {
+                     void* out, double* sums, int threads) {
   threads = default_threads(threads);
   by_format(dtype, "sce_squares_cpu", [&](auto f) {
     using F = decltype(f);
-    sce_squares_impl<F>(n, SceInputs<F>(m, base, xs, keep, "sce_squares_cpu"), out, threads);
+    sce_squares_impl<F>(n, SceInputs<F>(m, base, xs, keep, "sce_squares_cpu"), out, sums, threads);
   });
 }
 
@@ -388,8 +415,8 @@ int ramplus_tl_cpu(int dtype, int out_dtype, int64_t n, int64_t m, const void* b
 }
 
 void sce_squares_cpu(int dtype, int64_t n, int64_t m, const void* base, const uint64_t* xs, const uint64_t* keep,
-                     void* out, int threads) {
-  MKF_CPU_DISPATCH(sce_squares_cpu, dtype, n, m, base, xs, keep, out, threads);
+                     void* out, double* sums, int threads) {
+  MKF_CPU_DISPATCH(sce_squares_cpu, dtype, n, m, base, xs, keep, out, sums, threads);
 }
 
 int sce_apply_cpu(int dtype, int64_t n, int64_t m, const void* base, const uint64_t* xs, const uint64_t* keep,

@@ -469,22 +469,43 @@ int64_t select_impl(int64_t n, const void* base_, int64_t count, const uint64_t*
 
 // ---- sce: the positions of the top-k variances across the models
 
-// The variance over the models of the deltas rD(x_i - base) at element j, as torch.var(dim=0,
-// unbiased=False) computes it for every float dtype but fp64's: Welford's update in fp64 from (0, 0),
-// model by model, m2 / count, then stored to the dtype (fp64 -> fp32 -> D, as c10 converts).
+// The keys of |var| at elements [j0, j0 + len), var the variance over the models of the deltas
+// rD(x_i - base) as torch.var(dim=0, unbiased=False) computes it for every float dtype but fp64's:
+// Welford's update in fp64 from (0, 0), model by model, m2 / count, then stored to the dtype (fp64 ->
+// fp32 -> D, as c10 converts). A division by a power of two is the multiplication by its inverse (the
+// same real value, so the same rounding), which the compiler vectorises better.
 template <typename F>
-inline float sce_var(const typename F::storage* b, const typename F::storage* const* xs, int64_t count,
-                     int64_t j) {
+inline void sce_var_keys(const typename F::storage* b, const typename F::storage* const* xs, int64_t count,
+                         int64_t j0, int64_t len, double* mean, double* m2, uint32_t* k) {
   using A = typename F::A;
-  const A bj = static_cast<A>(F::load(b[j]));
-  double mean = 0.0, m2 = 0.0;
+  for (int64_t t = 0; t < len; ++t) mean[t] = m2[t] = 0.0;
   for (int64_t q = 0; q < count; ++q) {
-    const double v = static_cast<double>(F::round(static_cast<A>(F::load(xs[q][j])) - bj));
-    const double delta = v - mean;
-    mean = mean + delta / static_cast<double>(q + 1);
-    m2 = m2 + delta * (v - mean);
+    const typename F::storage* x = xs[q] + j0;
+    const typename F::storage* bb = b + j0;
+    const int64_t c = q + 1;
+    const double dc = static_cast<double>(c), r = 1.0 / dc;
+    if ((c & (c - 1)) == 0) {
+      for (int64_t t = 0; t < len; ++t) {
+        const double v = static_cast<double>(F::round(static_cast<A>(F::load(x[t])) - static_cast<A>(F::load(bb[t]))));
+        const double delta = v - mean[t];
+        mean[t] = mean[t] + delta * r;
+        m2[t] = m2[t] + delta * (v - mean[t]);
+      }
+    } else {
+      for (int64_t t = 0; t < len; ++t) {
+        const double v = static_cast<double>(F::round(static_cast<A>(F::load(x[t])) - static_cast<A>(F::load(bb[t]))));
+        const double delta = v - mean[t];
+        mean[t] = mean[t] + delta / dc;
+        m2[t] = m2[t] + delta * (v - mean[t]);
+      }
+    }
   }
-  return F::round(static_cast<float>(m2 / static_cast<double>(count)));
+  const double dc = static_cast<double>(count), r = 1.0 / dc;
+  if ((count & (count - 1)) == 0) {
+    for (int64_t t = 0; t < len; ++t) k[t] = ta_key(F::round(static_cast<float>(m2[t] * r)));
+  } else {
+    for (int64_t t = 0; t < len; ++t) k[t] = ta_key(F::round(static_cast<float>(m2[t] / dc)));
+  }
 }
 
 template <typename F>
@@ -505,14 +526,15 @@ int64_t sce_select_impl(int64_t n, int64_t count, const void* base_, const uint6
   std::vector<int64_t> zeros(static_cast<size_t>(nb), 0);
   parallel_for(nb, n >= kParallelMin ? threads : 1, [&](int64_t blo, int64_t bhi) {
     Hist h = new_hist();
+    std::unique_ptr<double[]> mean(new double[kKeyBlock]), m2(new double[kKeyBlock]);
     for (int64_t blk = blo; blk < bhi; ++blk) {
+      const int64_t j0 = blk * kKeyBlock, len = std::min(kKeyBlock, n - j0);
+      uint32_t* k = K.get() + j0;
+      sce_var_keys<F>(base, xs.data(), count, j0, len, mean.get(), m2.get(), k);
       int64_t z = 0;
-      for (int64_t j = blk * kKeyBlock, e = std::min(n, j + kKeyBlock); j < e; ++j) {
-        const float v = sce_var<F>(base, xs.data(), count, j);
-        const uint32_t k = ta_key(v);
-        K[j] = k;
-        ++h[k >> 16];
-        z += v == 0.0f;
+      for (int64_t t = 0; t < len; ++t) {
+        ++h[k[t] >> 16];
+        z += k[t] == 0;  // var == 0 (the keys of +-0)
       }
       zeros[blk] = z;
     }

@@ -23,9 +23,11 @@ passes replace the reference's dozen torch ops, with the reference's bits:
   fp64, rounded to the dtype), the threshold from a radix histogram of |var|, and, only where equal
   variances straddle the k-th, libstdc++'s nth_element (or partial_sort: what torch.topk calls on the
   CPU), block-partitioned, over one 32-bit word per position;
-* ``sce_squares_cpu`` (csrc/combine/pointwise_cpu.cpp): the selected deltas squared, whose per-model mean
-  torch takes (``.mean(dim=1)`` over 58M bf16 values adds in an order of torch's own, split by its
-  threads, that no other sum reproduces: the one reduction left to torch);
+* ``sce_squares_cpu`` (csrc/combine/pointwise_cpu.cpp): the selected deltas squared and their exact
+  per-model sums. torch's ``.mean(dim=1)`` of the squares adds them in fp32 in an order of its own, split
+  by its threads, that no other sum reproduces; but its error is bounded, so the exact sum gives the mean
+  in a 16-bit dtype wherever every fp32 sum within the bound rounds to the same value (nearly always for
+  bf16). Elsewhere, and for fp32, torch takes the mean of the squares: the one reduction left to it;
 * ``sce_apply_cpu``: the sign consensus and the weighted mean, op by op in the dtype.
 
 fp64 (torch.topk compares fp64 values, the keys are fp32) and more models take the reference.
