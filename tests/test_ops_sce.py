@@ -99,7 +99,7 @@ def test_selection_large_ties():
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 8])
 @pytest.mark.parametrize("topk", [1.0, 0.3, 0.0])
 def test_merge_matches_reference(dtype, m, topk):
-    if m > ops.max_models(dtype):
+    if m > ops.max_models(str(dtype).removeprefix("torch.")):
         pytest.skip("served by the reference")
     for n, shape, seed in [(1, (1,), 0), (300, (20, 15), 1), (70001, (70001,), 2)]:
         ins = [x.reshape(shape) for x in _grid_inputs(m, n, dtype, seed=seed, levels=7, specials=True)]
@@ -109,6 +109,15 @@ def test_merge_matches_reference(dtype, m, topk):
         assert same_bits(got, want), (n, seed)
         out = torch.empty_like(ins[0])
         assert SCE.compute(ins, params, Context(), out=out) is out and same_bits(out, want)
+        # the engine's torch-free call, by address
+        t = _planned(ins, params)
+        if dtype == torch.float32:
+            assert not SCE.native_ok(t)  # compute serves fp32
+            continue
+        assert SCE.native_ok(t)
+        out2 = torch.full_like(ins[0], 7.0)
+        (finite,) = SCE.native_cpu([t], [[x.data_ptr() for x in ins]], [out2.data_ptr()], 2)
+        assert same_bits(out2, want) and finite == bool(torch.isfinite(want).all()), (n, seed)
 
 
 def test_merge_weights_uniform_when_deltas_vanish():
@@ -117,6 +126,42 @@ def test_merge_weights_uniform_when_deltas_vanish():
     ins = [base, base.clone(), base.clone()]
     want = SCE.reference(ins, {"select_topk": 0.5}, Context())
     assert same_bits(SCE.compute(ins, {"select_topk": 0.5}, Context()), want)
+
+
+def _planned(inputs, params):
+    from types import SimpleNamespace
+
+    from mergekit_fast import dtypes
+
+    dt = dtypes.of(inputs[0].dtype)
+    return SimpleNamespace(name="w", shape=tuple(inputs[0].shape), in_dtype=dt, out_dtype=dt,
+                           inputs=[None] * len(inputs), params=tuple(params.items()))  # fmt: skip
+
+
+def test_engine_native_path_equals_the_torch_path(tmp_path, monkeypatch):
+    from fixtures_models import make_model
+    from helpers import read_model, run_ours
+    from test_methods_other import fine_tune
+
+    a = make_model(tmp_path / "a", seed=11, num_layers=1)
+    b = fine_tune(a, tmp_path / "b", seed=1, density=0.5)
+    c = fine_tune(a, tmp_path / "c", seed=2, density=0.3)
+    config = (f"models:\n  - model: {b}\n  - model: {c}\nmerge_method: sce\nbase_model: {a}\n"
+              "parameters: {select_topk: 0.3}\ndtype: bfloat16\n")  # fmt: skip
+    calls = []
+    native = type(SCE).native_cpu
+
+    def counting(*args, **kw):
+        calls.append(len(args[0]))
+        return native(*args, **kw)
+
+    monkeypatch.setattr(type(SCE), "native_cpu", staticmethod(counting))
+    ours = read_model(run_ours(config, tmp_path / "native"))
+    assert sum(calls) > 0
+    torch_path = read_model(run_ours(config, tmp_path / "torch", "--backend", "torch"))
+    assert sorted(ours) == sorted(torch_path)
+    for key in ours:
+        assert same_bits(ours[key], torch_path[key]), key
 
 
 def test_native_ready_limits():
@@ -140,16 +185,33 @@ def test_means_of_sums_is_torch_mean():
         dtype = (torch.bfloat16, torch.float16)[trial % 2]
         scale = 10.0 ** float(torch.randint(-3, 2, (1,), generator=g))
         sq = ((torch.randn(2, n, generator=g, dtype=torch.float64) * scale) ** 2).to(dtype)
-        w = ops._means_of_sums(sq.double().sum(dim=1).tolist(), n, dtype)
+        w = ops.means_of_sums(sq.double().sum(dim=1).tolist(), n, str(dtype).removeprefix("torch."))
         if w is not None:
             decided += 1
-            assert same_bits(w, sq.mean(dim=1)), (trial, n, dtype)
+            assert same_bits(torch.tensor(w, dtype=dtype), sq.mean(dim=1)), (trial, n, dtype)
     assert decided >= 80  # bf16 means are nearly always decided, fp16 ones mostly
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_weights_are_torch_s(dtype):
+    # the normalisation of the mean squares, replayed in Python, against the reference's torch ops;
+    # magnitudes far apart, so that the order of the sum's additions shows
+    g = torch.Generator().manual_seed(3)
+    name = str(dtype).removeprefix("torch.")
+    for trial in range(3000):
+        m = int(torch.randint(1, 8, (1,), generator=g))
+        exps = torch.randint(-30, 8, (m,), generator=g).double()
+        means = (torch.rand(m, generator=g, dtype=torch.float64) * 2.0**exps).to(dtype)
+        if trial % 10 == 0:
+            means = (means * 1e-7).to(dtype)  # a total below 1e-6: uniform weights
+        got = ops.weights(means.tolist(), name)
+        assert got is not None
+        assert same_bits(torch.tensor(got, dtype=dtype), ops._torch_weights(means)), (trial, means)
 
 
 def test_merge_when_the_means_are_torch_s(monkeypatch):
     # no mean decided from the sums: the squares go to torch's mean, with the same result
-    monkeypatch.setattr(ops, "_GAMMA", 1.0)
+    monkeypatch.setattr(ops, "_gamma", lambda n: 1.0)
     ins = _grid_inputs(3, 5000, torch.bfloat16, seed=9, levels=7, specials=True)
     for topk in (1.0, 0.4):
         params = {"select_topk": topk}

@@ -16,8 +16,9 @@ only changes the dtype the masks are held in (less memory), never a value. Ties 
 top-k threshold go where torch.topk puts them (mergekit uses it too). A weight only the base has is the
 base.
 
-On the CPU (``compute``; bf16, fp16 and fp32, up to 8 models besides the base, 4 in fp32) three native
-passes replace the reference's dozen torch ops, with the reference's bits:
+On the CPU three native passes replace the reference's dozen torch ops, with the reference's bits: by
+address in the engine (``native_cpu``: bf16 and fp16, up to 8 models besides the base; no torch unless a
+weight's mean is left to it), and on torch tensors in ``compute`` (fp32 too, up to 4 models):
 
 * ``sce_select_cpu`` (csrc/select): the variance of each position as torch.var computes it (Welford in
   fp64, rounded to the dtype), the threshold from a radix histogram of |var|, and, only where equal
@@ -27,8 +28,11 @@ passes replace the reference's dozen torch ops, with the reference's bits:
   per-model sums. torch's ``.mean(dim=1)`` of the squares adds them in fp32 in an order of its own, split
   by its threads, that no other sum reproduces; but its error is bounded, so the exact sum gives the mean
   in a 16-bit dtype wherever every fp32 sum within the bound rounds to the same value (nearly always for
-  bf16). Elsewhere, and for fp32, torch takes the mean of the squares: the one reduction left to it;
-* ``sce_apply_cpu``: the sign consensus and the weighted mean, op by op in the dtype.
+  bf16; the bound follows the cascade's structure, ``ops.sce._sum_depth``). Elsewhere, and for fp32,
+  torch takes the mean of the squares: the one reduction left to it;
+* ``sce_apply_cpu``: the sign consensus and the weighted mean, op by op in the dtype. The weights'
+  normalisation between them (a sum of up to 7 values, two divisions) is replayed in Python with torch's
+  order and roundings (``ops.sce.weights``).
 
 fp64 (torch.topk compares fp64 values, the keys are fp32) and more models take the reference.
 """
@@ -109,6 +113,37 @@ class Sce(MergeMethod):
             return super().compute(inputs, params, ctx, out)
         return ops_sce.sce_merge(inputs[0], list(inputs[1:]), float(params.get("select_topk", 1.0)),
                                  out=out, threads=ctx.threads)  # fmt: skip
+
+    def native_ok(self, tensor) -> bool:
+        """The by-address path serves 16-bit tensors with up to 8 models besides the base (fp32 weights
+        need torch's mean: compute serves them)."""
+        import math
+
+        from mergekit_fast.ops import sce as ops_sce
+
+        name = tensor.in_dtype.name
+        return (
+            ops_sce.kernels_built()
+            and name in ("bfloat16", "float16")
+            and 2 <= len(tensor.inputs) <= 1 + ops_sce.max_models(name)
+            and 0 < math.prod(tensor.shape) <= ops_sce.MAX_NUMEL
+        )
+
+    @staticmethod
+    def native_cpu(tensors, inputs, outs, threads, seed=None):
+        """The whole method by address (ops/sce.py ``run``), without torch unless a weight's mean is left to
+        it; per tensor whether every output element is finite."""
+        import math
+
+        from mergekit_fast.ops import sce as ops_sce
+
+        flags = []
+        for t, ins, out in zip(tensors, inputs, outs):
+            topk = float(dict(t.params).get("select_topk", 1.0))
+            flags.append(
+                ops_sce.run(t.in_dtype.name, math.prod(t.shape), ins[0], list(ins[1:]), out, topk, threads)
+            )
+        return flags
 
     def verify_scale(self, inputs, params):
         # the base plus a weighted mean of the deltas: bounded by the sum of the inputs' magnitudes
