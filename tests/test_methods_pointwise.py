@@ -162,10 +162,35 @@ def test_beyond_the_kernels_model_count_the_reference(name, count, dtype):
     assert same_bits(got, m.reference([x.clone() for x in xs], {}, Context()))
 
 
+def native_path_equals_torch_path(config: str, tmp_path, monkeypatch, method) -> dict:
+    """Merges ``config`` on the engine's by-address path (asserting that ``method.native_cpu`` ran) and on
+    the torch path (``--backend torch``), asserts the same bits tensor by tensor, returns the first."""
+    import inspect
+
+    from helpers import read_model, run_ours
+
+    cls = type(method)
+    calls = []
+    static = isinstance(inspect.getattr_static(cls, "native_cpu"), staticmethod)
+    native = cls.native_cpu
+
+    def counting(*args, **kw):
+        calls.append(len(args[1 if not static else 0]))
+        return native(*args, **kw)
+
+    monkeypatch.setattr(cls, "native_cpu", staticmethod(counting) if static else counting)
+    ours = read_model(run_ours(config, tmp_path / "native"))
+    assert sum(calls) > 0
+    torch_path = read_model(run_ours(config, tmp_path / "torch", "--backend", "torch"))
+    assert sorted(ours) == sorted(torch_path)
+    for key in ours:
+        assert same_bits(ours[key], torch_path[key]), key
+    return ours
+
+
 @pytest.mark.parametrize("name", ["nearswap", "ram", "ramplus_tl", "ramplus_tl-bf16-out"])
 def test_engine_native_path_equals_the_torch_path(tmp_path, monkeypatch, name):
     from fixtures_models import make_model
-    from helpers import read_model, run_ours
     from test_methods_other import fine_tune
 
     a = make_model(tmp_path / "a", seed=11, num_layers=1)
@@ -179,21 +204,7 @@ def test_engine_native_path_equals_the_torch_path(tmp_path, monkeypatch, name):
     else:
         config = f"models:\n  - model: {b}\n  - model: {c}\nmerge_method: {method}\nbase_model: {a}\n"
     config += "dtype: bfloat16\n" + ("out_dtype: bfloat16\n" if out_dtype else "")
-    cls = type(methods.get(method))
-    calls = []
-    native = cls.native_cpu
-
-    def counting(self, *args, **kw):
-        calls.append(len(args[0]))
-        return native(self, *args, **kw)
-
-    monkeypatch.setattr(cls, "native_cpu", counting)
-    ours = read_model(run_ours(config, tmp_path / "native"))
-    assert sum(calls) > 0
-    torch_path = read_model(run_ours(config, tmp_path / "torch", "--backend", "torch"))
-    assert sorted(ours) == sorted(torch_path)
-    for key in ours:
-        assert same_bits(ours[key], torch_path[key]), key
+    ours = native_path_equals_torch_path(config, tmp_path, monkeypatch, methods.get(method))
     if method == "ramplus_tl":  # mergekit's promoted fp32 output, or the out_dtype asked for
         want = torch.bfloat16 if out_dtype else torch.float32
         assert all(x.dtype == want for k, x in ours.items() if "layers" in k)

@@ -140,28 +140,15 @@ def _planned(inputs, params):
 
 def test_engine_native_path_equals_the_torch_path(tmp_path, monkeypatch):
     from fixtures_models import make_model
-    from helpers import read_model, run_ours
     from test_methods_other import fine_tune
+    from test_methods_pointwise import native_path_equals_torch_path
 
     a = make_model(tmp_path / "a", seed=11, num_layers=1)
     b = fine_tune(a, tmp_path / "b", seed=1, density=0.5)
     c = fine_tune(a, tmp_path / "c", seed=2, density=0.3)
     config = (f"models:\n  - model: {b}\n  - model: {c}\nmerge_method: sce\nbase_model: {a}\n"
               "parameters: {select_topk: 0.3}\ndtype: bfloat16\n")  # fmt: skip
-    calls = []
-    native = type(SCE).native_cpu
-
-    def counting(*args, **kw):
-        calls.append(len(args[0]))
-        return native(*args, **kw)
-
-    monkeypatch.setattr(type(SCE), "native_cpu", staticmethod(counting))
-    ours = read_model(run_ours(config, tmp_path / "native"))
-    assert sum(calls) > 0
-    torch_path = read_model(run_ours(config, tmp_path / "torch", "--backend", "torch"))
-    assert sorted(ours) == sorted(torch_path)
-    for key in ours:
-        assert same_bits(ours[key], torch_path[key]), key
+    native_path_equals_torch_path(config, tmp_path, monkeypatch, SCE)
 
 
 def test_native_ready_limits():
