@@ -113,3 +113,41 @@ def promote(a: DType, b: DType) -> DType:
     import torch
 
     return of(torch.promote_types(a.torch, b.torch))
+
+
+# ---------------------------------------------------------------------------- host roundings, as torch's
+# Python floats rounded as torch's CPU casts round them (nearest even), for the scalar steps that the
+# native paths replay without torch.
+
+
+def round_f32(x: float) -> float:
+    """x rounded to fp32 (overflow to +-inf, as a C cast from double does)."""
+    try:
+        return struct.unpack("<f", struct.pack("<f", x))[0]
+    except OverflowError:
+        return math.copysign(math.inf, x)
+
+
+def f32_bits(v: float) -> int:
+    """The bit pattern of v rounded to fp32."""
+    return struct.unpack("<I", struct.pack("<f", round_f32(v)))[0]
+
+
+def f32_from_bits(b: int) -> float:
+    return struct.unpack("<f", struct.pack("<I", b & 0xFFFFFFFF))[0]
+
+
+def round_to(name: str, x: float) -> float:
+    """x rounded to fp32, then stored to the dtype ``name`` (bfloat16, float16 or float32); NaN stays."""
+    v = round_f32(x)
+    if name == "float32" or v != v:
+        return v
+    if name == "bfloat16":
+        b = f32_bits(v)
+        return f32_from_bits(((b + 0x7FFF + ((b >> 16) & 1)) >> 16) << 16)
+    if name == "float16":
+        try:
+            return struct.unpack("<e", struct.pack("<e", v))[0]
+        except OverflowError:
+            return math.copysign(math.inf, v)
+    raise ValueError(f"round_to: {name} is not bfloat16, float16 or float32")

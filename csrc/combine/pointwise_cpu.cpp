@@ -108,23 +108,30 @@ struct RamBlock {
   }
 };
 
-// The base and the models of one ram / ramplus_tl call.
+// The base and the m models (1 <= m <= kCombineMaxInputs) of one call, by address.
 template <typename F>
-struct RamInputs {
+struct ModelTable {
   const typename F::S* b;
   const typename F::S* xs[kCombineMaxInputs];
   int m;
-  typename F::C eps;  // epsilon rounded to the dtype (a comparison with a Python scalar)
 
-  RamInputs(int64_t m_, const void* base, const uint64_t* xs_, double epsilon, const char* op) {
+  ModelTable(int64_t m_, const void* base, const uint64_t* xs_, const char* op) {
     if (m_ < 1 || m_ > kCombineMaxInputs)
       throw std::invalid_argument(std::string(op) + ": 1 to " + std::to_string(kCombineMaxInputs) +
                                   " models besides the base, got " + std::to_string(m_));
     m = static_cast<int>(m_);
     b = static_cast<const typename F::S*>(base);
     for (int q = 0; q < m; ++q) xs[q] = reinterpret_cast<const typename F::S*>(xs_[q]);
-    eps = F::round(scalar<F>(epsilon));
   }
+};
+
+// The base and the models of one ram / ramplus_tl call.
+template <typename F>
+struct RamInputs : ModelTable<F> {
+  typename F::C eps;  // epsilon rounded to the dtype (a comparison with a Python scalar)
+
+  RamInputs(int64_t m_, const void* base, const uint64_t* xs_, double epsilon, const char* op)
+      : ModelTable<F>(m_, base, xs_, op), eps(F::round(scalar<F>(epsilon))) {}
 };
 
 // The output pass. ram (lam null): base + R(sum_i R(R(kept_i * unique) + share_i)), every step in the
@@ -215,23 +222,16 @@ int ramplus_impl(int64_t n, int64_t m_, const void* base, const uint64_t* xs, vo
 
 // The base and the models of one sce call, and the selected deltas of a sub-block.
 template <typename F>
-struct SceInputs {
+struct SceInputs : ModelTable<F> {
   using S = typename F::S;
   using C = typename F::C;
-  const S* b;
-  const S* xs[kCombineMaxInputs];
+  using ModelTable<F>::b;
+  using ModelTable<F>::xs;
+  using ModelTable<F>::m;
   const uint64_t* keep;
-  int m;
 
-  SceInputs(int64_t m_, const void* base, const uint64_t* xs_, const uint64_t* keep_, const char* op) {
-    if (m_ < 1 || m_ > kCombineMaxInputs)
-      throw std::invalid_argument(std::string(op) + ": 1 to " + std::to_string(kCombineMaxInputs) +
-                                  " models besides the base, got " + std::to_string(m_));
-    m = static_cast<int>(m_);
-    b = static_cast<const S*>(base);
-    for (int q = 0; q < m; ++q) xs[q] = reinterpret_cast<const S*>(xs_[q]);
-    keep = keep_;
-  }
+  SceInputs(int64_t m_, const void* base, const uint64_t* xs_, const uint64_t* keep_, const char* op)
+      : ModelTable<F>(m_, base, xs_, op), keep(keep_) {}
 
   // s[q][j] = rD(rD(x_q - b) * keep) for elements [i0, i0 + len); bval[j] = b
   void load(int64_t i0, int64_t len, C (*s)[kSub], C* bval) const {

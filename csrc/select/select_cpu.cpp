@@ -89,6 +89,17 @@ Hist histogram(const typename F::storage* x, const typename F::storage* b, int64
   return total;
 }
 
+// The bin that holds ascending position r; `below` (the count before the histogram's first bin) grows
+// by the counts of the bins before it.
+inline uint32_t bin_of(const Hist& h, int64_t r, int64_t& below) {
+  uint32_t i = 0;
+  for (; i < (1u << 16); ++i) {
+    if (below + h[i] > r) break;
+    below += h[i];
+  }
+  return i;
+}
+
 struct Rank {
   uint32_t key;   // the key at ascending position r
   int64_t lt, le;  // keys below it, keys not above it
@@ -99,18 +110,10 @@ template <typename F>
 Rank rank_key(const typename F::storage* x, const typename F::storage* b, int64_t n, int64_t r,
               const Hist& hist0, bool low_bits_zero, int threads) {
   int64_t below = 0;
-  uint32_t hi = 0;
-  for (; hi < (1u << 16); ++hi) {
-    if (below + hist0[hi] > r) break;
-    below += hist0[hi];
-  }
+  const uint32_t hi = bin_of(hist0, r, below);
   if (low_bits_zero) return Rank{hi << 16, below, below + hist0[hi]};
   Hist h1 = histogram<F>(x, b, n, 1, hi, threads);
-  uint32_t lo = 0;
-  for (; lo < (1u << 16); ++lo) {
-    if (below + h1[lo] > r) break;
-    below += h1[lo];
-  }
+  const uint32_t lo = bin_of(h1, r, below);
   return Rank{(hi << 16) | lo, below, below + h1[lo]};
 }
 
@@ -554,22 +557,14 @@ int64_t sce_select_impl(int64_t n, int64_t count, const void* base_, const uint6
   // the key at ascending position n - k: the smallest kept
   const int64_t r = n - k;
   int64_t below = 0;
-  uint32_t hi = 0;
-  for (; hi < (1u << 16); ++hi) {
-    if (below + h0[hi] > r) break;
-    below += h0[hi];
-  }
+  const uint32_t hi = bin_of(h0, r, below);
   uint32_t thr = hi << 16;
   int64_t lt = below, le = below + h0[hi];
   if (!std::is_same_v<F, HostBF16>) {  // the low 16 bits, among the keys of that bin
     Hist h1 = new_hist();
     for (int64_t j = 0; j < n; ++j)
       if ((K[j] >> 16) == hi) ++h1[K[j] & 0xffffu];
-    uint32_t lo = 0;
-    for (; lo < (1u << 16); ++lo) {
-      if (below + h1[lo] > r) break;
-      below += h1[lo];
-    }
+    const uint32_t lo = bin_of(h1, r, below);
     thr |= lo;
     lt = below;
     le = below + h1[lo];

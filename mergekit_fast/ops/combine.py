@@ -31,10 +31,9 @@ torch (``ta_merge_ref``, the methods' own arithmetic), and ``verify=`` against t
 from __future__ import annotations
 
 import math
-import struct
 from array import array
 
-from mergekit_fast import _native
+from mergekit_fast import _native, dtypes
 from mergekit_fast.ops import select as _select
 
 # csrc/common/ta_math.h
@@ -51,16 +50,12 @@ DELLA = "della_magprune"
 
 def _f32(x: float) -> float:
     """x rounded to fp32 (round to nearest even)."""
-    return struct.unpack("<f", struct.pack("<f", x))[0]
+    return dtypes.round_f32(x)
 
 
 def _bf16(x: float) -> float:
     """x rounded to bf16 the way torch converts a Python float: to fp32, then to bf16 (nearest even)."""
-    u = struct.unpack("<I", struct.pack("<f", x))[0]
-    if (u & 0x7FFFFFFF) > 0x7F800000:
-        return x
-    u = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16
-    return struct.unpack("<f", struct.pack("<I", u & 0xFFFFFFFF))[0]
+    return dtypes.round_to("bfloat16", x)
 
 
 def draw_key(density: float, bf16: bool, name: str, i: int) -> tuple[int, int]:

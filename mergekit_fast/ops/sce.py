@@ -14,13 +14,11 @@ unless a mean is left to it: the engine's by-address path (``Sce.native_cpu``) m
 
 from __future__ import annotations
 
-import ctypes
 import math
-import struct
 from array import array
 from collections.abc import Sequence
 
-from mergekit_fast import _native
+from mergekit_fast import _native, dtypes
 
 DTYPE_NAMES = ("bfloat16", "float16", "float32")
 MAX_NUMEL = (1 << 31) - 1  # positions are 32-bit in the selection kernel
@@ -39,37 +37,15 @@ def kernels_built() -> bool:
 # ---------------------------------------------------------------------------- roundings, as torch's
 
 
-def _f32(x: float) -> float:
-    """x rounded to fp32 (nearest even; overflow to +-inf), as a C cast from double does."""
-    return ctypes.c_float(x).value
-
-
-def _bits32(v: float) -> int:
-    return struct.unpack("<I", struct.pack("<f", v))[0]
-
-
-def _from_bits32(b: int) -> float:
-    return struct.unpack("<f", struct.pack("<I", b & 0xFFFFFFFF))[0]
-
-
-def _round_to(dtype_name: str, v: float) -> float:
-    """An fp32 value v stored to the dtype (nearest even), as torch's casts from fp32 do."""
-    if dtype_name == "float32" or v != v:
-        return v
-    if dtype_name == "bfloat16":
-        b = _bits32(v)
-        return _from_bits32(((b + 0x7FFF + ((b >> 16) & 1)) >> 16) << 16)
-    try:
-        return struct.unpack("<e", struct.pack("<e", v))[0]
-    except OverflowError:
-        return math.copysign(math.inf, v)
+_f32 = dtypes.round_f32
+_bits32 = dtypes.f32_bits
+_from_bits32 = dtypes.f32_from_bits
+_round_to = dtypes.round_to
 
 
 def _div32(a: float, b: float) -> float:
-    """a / b in fp32 for fp32 values a and b (the double quotient rounded to fp32 is the correctly rounded
-    fp32 quotient: 53 >= 2 * 24 + 2 bits)."""
-    if b == 0:
-        return math.nan if a == 0 or a != a else math.copysign(math.inf, a) * math.copysign(1.0, b)
+    """a / b in fp32 for fp32 values a and b, b != 0 (the double quotient rounded to fp32 is the correctly
+    rounded fp32 quotient: 53 >= 2 * 24 + 2 bits)."""
     return _f32(a / b)
 
 
@@ -220,8 +196,6 @@ def native_ready(tensors, backend: str = "auto") -> bool:
     least one and at most ``max_models`` models, the native module built, ``backend`` auto or cpp."""
     if len(tensors) < 2 or (backend or "auto") not in ("auto", "cpp") or not kernels_built():
         return False
-    from mergekit_fast import dtypes
-
     x0 = tensors[0]
     name = dtypes.of(x0.dtype).name
     return (
@@ -255,8 +229,6 @@ def variance_keep(base, models, density: float, threads: int = 0):
 def sce_merge(base, models, select_topk: float, *, out=None, threads: int = 0):
     """mergekit's sce on CPU tensors that ``native_ready`` accepts (the base first)."""
     import torch
-
-    from mergekit_fast import dtypes
 
     base, *models = _contiguous([base, *models])
     target = out
